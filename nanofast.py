@@ -25,6 +25,7 @@ sampling, GPU kernels, fast decoder, engine, CLI.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -34,6 +35,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs: the kernels below are defined but never launched
+
+    class _NoTriton:
+        jit = staticmethod(lambda fn: fn)
+        constexpr = int
+        cdiv = staticmethod(lambda a, b: -(-a // b))
+
+    triton = tl = _NoTriton()
+    HAVE_TRITON = False
 
 DEFAULT_MODEL = os.path.join("weights", "Qwen3-0.6B")
 DEFAULT_REPO = "Qwen/Qwen3-0.6B"
@@ -264,6 +279,7 @@ class Tokenizer:
             self.tok = _Tokenizer.from_file(path)
         except Exception as e:
             raise NanofastError(f"{path}: cannot load tokenizer ({e})") from None
+        self.eos_ids = generation_defaults(model_dir)["eos_ids"]
 
     def encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -351,19 +367,19 @@ def apply_rope(x, cos, sin):  # x (T, H, hd), cos/sin (T, hd/2) -> (T, H, hd), h
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
 
-def sdpa_attention(q, k, v, pos):  # q (T, Hq, hd), k/v (pos+T, Hkv, hd) -> (T, Hq hd)
-    T, S = q.shape[0], k.shape[0]
+def plain_attention(q, k, v, pos):  # q (T, Hq, hd), k/v (pos+T, Hkv, hd) -> (T, Hq hd)
+    T, S, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # GQA: share kv heads
+    scores = torch.einsum("thd,shd->hts", q, k) * q.shape[-1] ** -0.5  # (Hq, T, S)
     # query t sits at position pos + t and sees keys 0..pos+t (bottom-right causal)
-    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(pos, pos + T, device=q.device)[:, None]
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask if T > 1 else None)
-    return out.transpose(0, 1).reshape(T, -1)
+    hidden = torch.arange(S, device=q.device)[None, :] > torch.arange(pos, pos + T, device=q.device)[:, None]
+    scores = scores.masked_fill(hidden, -math.inf)
+    probs = scores.float().softmax(-1).to(q.dtype)  # softmax in fp32, as transformers does
+    return torch.einsum("hts,shd->thd", probs, v).reshape(T, -1)
 
 
 def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int,
-            attention=sdpa_attention, last_only=False):
+            attention=plain_attention, last_only=False):
     """Run tokens ids (T,) at positions pos..pos+T-1, writing their K/V into the cache.
     Returns fp32 logits (T, V), or (1, V) for the last token only."""
     T, Hq, Hkv, hd, eps = ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -411,8 +427,1105 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 # -----------------------------------------------------------------------------
 # GPU kernels (Triton)
 
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132  # H100 SXM
+
+
+def _check_pdl(use_pdl):
+    assert not (use_pdl and _INTERPRET), "PDL needs a real sm_90 GPU; the interpreter cannot run it"
+
+
+@triton.jit
+def _pdl_wait(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        # Wait for the previous kernel (and its memory) to finish, then let the next
+        # kernel start launching. Triggering only after our own wait keeps at most two
+        # kernels resident, so a waiting third one never steals SM slots.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+# ---------------------------------------------------------------------------
+# 1. embedding lookup
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _embed_kernel(tok_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tok = tl.load(tok_ptr).to(tl.int64)
+    row = tl.load(e_ptr + tok * D + offs, mask=offs < D, other=0.0)
+    tl.store(h_ptr + offs, row.to(tl.float32), mask=offs < D)
+
+
+def embed(tok, E, h, use_pdl=False):
+    """tok int32[1], E [V, D], h fp32[D]  ->  h = E[tok]"""
+    _check_pdl(use_pdl)
+    D = E.shape[1]
+    BLOCK = 1024
+    _embed_kernel[(triton.cdiv(D, BLOCK),)](tok, E, h, D, BLOCK=BLOCK, USE_PDL=use_pdl,
+                                            launch_pdl=use_pdl, num_warps=4)
+
+
+# ---------------------------------------------------------------------------
+# GEMV building blocks
+# ---------------------------------------------------------------------------
+# N and K are constexpr: each weight shape compiles once, and when the blocks
+# divide the shape evenly (all Qwen3 shapes) the loads carry no masks at all.
+# The K loop is software-pipelined by hand: tile i+1 is loaded before tile i
+# is used, so every thread keeps two tiles of 16-byte loads in flight. The last
+# tile is peeled off so the prefetch never runs past the program's K range.
+# The accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
+
+@triton.jit
+def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    # weights are read exactly once: don't let them push activations/KV out of L2
+    if EVEN_N and EVEN_K:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=(rows < N)[:, None] & (kk < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=kk < K, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _load_bcast(ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr, EVEN_K: tl.constexpr):
+    # vector[kk] as a [BLOCK_N, BLOCK_K] tile with equal rows. Loaded with the weight
+    # tile's shape it gets the weight tile's register layout; a plain [BLOCK_K] load gets
+    # another layout and costs a shared-memory conversion (and a barrier) per tile. The
+    # compiler merges the duplicate loads: each thread still reads its columns once.
+    offs = tl.broadcast_to(kk[None, :], [BLOCK_N, BLOCK_K])
+    return _load_vec(ptr + offs, offs, K, EVEN_K)
+
+
+@triton.jit
+def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
+             EVEN_K: tl.constexpr):
+    # x * norm_w for columns kk (as a weight-shaped tile) and x^2 (1-D, summed after
+    # the K loop into rsqrt(mean(x^2) + eps))
+    xn = (_load_bcast(x_ptr, kk, BLOCK_N, BLOCK_K, K, EVEN_K) *
+          _load_bcast(nw_ptr, kk, BLOCK_N, BLOCK_K, K, EVEN_K))
+    x = _load_vec(x_ptr + kk, kk, K, EVEN_K)
+    return xn, x * x
+
+
+def _pow2(n):
+    return triton.next_power_of_2(n) == n
+
+
+# ---------------------------------------------------------------------------
+# GEMV launch heuristic
+# ---------------------------------------------------------------------------
+
+def gemv_config(N, K, split_k=False, sms=None):
+    """Default {BLOCK_N, BLOCK_K, SPLIT_K, num_warps} for an [N, K] bf16 GEMV.
+
+    A GEMV is pure weight streaming. An H100 needs roughly 16-32 KB of loads in
+    flight per SM to saturate HBM, and matrices range from ~4 MB (0.6B o_proj)
+    to ~100 MB (8B gate_up), so:
+      * BLOCK_K = 512 at 4 warps: a warp reads 256 contiguous bf16 of a row,
+        each thread 16 bytes at a time.
+      * BLOCK_N = 16 (8 x 16-byte loads per thread per tile, 16 with the
+        prefetched tile) while that still gives >= 3 programs per SM;
+        otherwise 8 or 4 rows per program, to keep every SM busy.
+      * small-N matrices (o_proj, down_proj: N = D) instead split K over
+        programs that atomically add into h, for >= 4 programs per SM.
+    Keep BLOCK_N * BLOCK_K / (32 * num_warps) <= 64 weight elements per thread
+    (<= 32 for rmsnorm_gemv_silu, which holds two tiles): beyond that the
+    tile, its prefetch and the fp32 accumulator spill registers on sm_90.
+    """
+    sms = sms or num_sms()
+    BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
+    num_warps = 4
+    if split_k:
+        BLOCK_N = 8
+        row_blocks = triton.cdiv(N, BLOCK_N)
+        SPLIT_K = max(1, min(triton.cdiv(K, BLOCK_K), triton.cdiv(4 * sms, row_blocks)))
+    else:
+        SPLIT_K = 1
+        BLOCK_N = 4
+        for bn in (16, 8):
+            if triton.cdiv(N, bn) >= 3 * sms:
+                BLOCK_N = bn
+                break
+    return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, num_warps=num_warps)
+
+
+def _cfg(N, K, split_k, BLOCK_N, BLOCK_K, SPLIT_K, num_warps):
+    c = gemv_config(N, K, split_k)
+    BLOCK_N, BLOCK_K = BLOCK_N or c["BLOCK_N"], BLOCK_K or c["BLOCK_K"]
+    assert _pow2(BLOCK_N) and _pow2(BLOCK_K)
+    return BLOCK_N, BLOCK_K, SPLIT_K or c["SPLIT_K"], num_warps or c["num_warps"]
+
+
+# ---------------------------------------------------------------------------
+# 2. fused RMSNorm + GEMV:  out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w)
+# ---------------------------------------------------------------------------
+# Every program re-reads x (from L2) and recomputes sum(x^2) in the same loop
+# that uses x, so the norm costs no extra launch and no extra pass.
+
+@triton.jit
+def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
+                         N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N]
+    cols = tl.arange(0, BLOCK_K)                                       # [BLOCK_K]
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # [BLOCK_N, BLOCK_K]
+    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
+    # weights never depend on the previous kernel: start streaming before the wait
+    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
+    _pdl_wait(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, LAST, BLOCK_K):
+        w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
+        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+        acc += w.to(tl.float32) * xn
+        ss += x2
+        w = w_next
+    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    acc += w.to(tl.float32) * xn
+    ss += x2
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    y = tl.sum(acc, axis=1) * rstd                                     # [BLOCK_N]
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None, use_pdl=False):
+    """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits)"""
+    _check_pdl(use_pdl)
+    N, K = W.shape
+    BLOCK_N, BLOCK_K, _, num_warps = _cfg(N, K, False, BLOCK_N, BLOCK_K, 1, num_warps)
+    _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=num_warps)
+
+
+# ---------------------------------------------------------------------------
+# 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
+                              I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N], in 0..I-1
+    cols = tl.arange(0, BLOCK_K)
+    g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # gate rows
+    u_ptrs = g_ptrs + I * K                                            # up rows sit I rows below
+    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K
+    wg = _load_w(g_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
+    wu = _load_w(u_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
+    _pdl_wait(USE_PDL)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, LAST, BLOCK_K):
+        nk = k0 + BLOCK_K + cols
+        wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
+        wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
+        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+        acc_g += wg.to(tl.float32) * xn
+        acc_u += wu.to(tl.float32) * xn
+        ss += x2
+        wg = wg_next
+        wu = wu_next
+    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    acc_g += wg.to(tl.float32) * xn
+    acc_u += wu.to(tl.float32) * xn
+    ss += x2
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    gate = tl.sum(acc_g, axis=1) * rstd
+    up = tl.sum(acc_u, axis=1) * rstd
+    y = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
+
+
+def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None,
+                      use_pdl=False):
+    """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up), out [I] (bf16/fp16).
+    BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows; the
+    default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
+    _check_pdl(use_pdl)
+    N2, K = W_gu.shape
+    I = N2 // 2
+    c = gemv_config(N2, K)
+    BLOCK_N = BLOCK_N or max(1, c["BLOCK_N"] // 2)
+    BLOCK_K = BLOCK_K or c["BLOCK_K"]
+    num_warps = num_warps or c["num_warps"]
+    assert _pow2(BLOCK_N) and _pow2(BLOCK_K)
+    _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
+        x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=num_warps)
+
+
+# ---------------------------------------------------------------------------
+# 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
+# ---------------------------------------------------------------------------
+# N = D is small and K is large, so K is split into SPLIT_K ranges of KS
+# columns (a multiple of BLOCK_K); program (i, j) adds its partial sums into h
+# with a relaxed fp32 atomic. The kernel boundary orders these adds before any
+# reader. Addition order varies, so the last bits of h vary run to run.
+
+@triton.jit
+def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
+                     N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_begin = tl.program_id(1) * KS
+    cols = k_begin + tl.arange(0, BLOCK_K)                             # [BLOCK_K] columns of tile 0
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
+    _pdl_wait(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, KS - BLOCK_K, BLOCK_K):
+        w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, cols + (k0 + BLOCK_K), N, K, EVEN_N, EVEN_K)
+        acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
+        w = w_next
+    LAST: tl.constexpr = KS - BLOCK_K
+    acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
+    y = tl.sum(acc, axis=1)                                            # [BLOCK_N]
+    if SPLIT_K == 1:
+        h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
+        tl.store(h_ptr + rows, h + y, mask=rows < N)
+    else:
+        tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
+
+
+def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, use_pdl=False):
+    """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a"""
+    _check_pdl(use_pdl)
+    N, K = W.shape
+    BLOCK_N, BLOCK_K, SPLIT_K, num_warps = _cfg(N, K, True, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)
+    KS = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
+    _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
+        a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=num_warps)
+
+
+# ---------------------------------------------------------------------------
+# 5. q/k RMSNorm + RoPE + KV-cache append
+# ---------------------------------------------------------------------------
+# One program per head of the fused qkv vector: heads 0..Hq-1 are q,
+# Hq..Hq+Hkv-1 are k, the rest v. Math in fp32, rounded once on store.
+
+@triton.jit
+def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+                         q_ptr, kc_ptr, vc_ptr, eps,
+                         stride_kt, stride_kh, stride_vt, stride_vh,
+                         HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, USE_PDL: tl.constexpr):
+    head = tl.program_id(0)
+    half = tl.arange(0, HD // 2)
+    _pdl_wait(USE_PDL)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    x1 = tl.load(qkv_ptr + head * HD + half).to(tl.float32)            # [HD/2]
+    x2 = tl.load(qkv_ptr + head * HD + HD // 2 + half).to(tl.float32)
+    if head >= HQ + HKV:  # v: plain copy into the cache
+        dst = vc_ptr + pos * stride_vt + (head - HQ - HKV) * stride_vh
+        tl.store(dst + half, x1.to(vc_ptr.dtype.element_ty))
+        tl.store(dst + HD // 2 + half, x2.to(vc_ptr.dtype.element_ty))
+    else:
+        is_q = head < HQ
+        w1 = tl.where(is_q, tl.load(qw_ptr + half), tl.load(kw_ptr + half)).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(qw_ptr + HD // 2 + half), tl.load(kw_ptr + HD // 2 + half)).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HD + eps)
+        x1 = x1 * rstd * w1
+        x2 = x2 * rstd * w2
+        c = tl.load(cos_ptr + pos * (HD // 2) + half)
+        s = tl.load(sin_ptr + pos * (HD // 2) + half)
+        y1 = x1 * c - x2 * s   # rotate_half form
+        y2 = x2 * c + x1 * s
+        if is_q:
+            tl.store(q_ptr + head * HD + half, y1.to(q_ptr.dtype.element_ty))
+            tl.store(q_ptr + head * HD + HD // 2 + half, y2.to(q_ptr.dtype.element_ty))
+        else:
+            dst = kc_ptr + pos * stride_kt + (head - HQ) * stride_kh
+            tl.store(dst + half, y1.to(kc_ptr.dtype.element_ty))
+            tl.store(dst + HD // 2 + half, y2.to(kc_ptr.dtype.element_ty))
+
+
+def qk_norm_rope_append(qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, v_cache, eps,
+                        use_pdl=False):
+    """qkv [(Hq+2Hkv)*hd], q/k_norm_w [hd], cos/sin fp32 [max_pos, hd/2], pos int32[1],
+    q_out [Hq, hd], k_cache/v_cache [S, Hkv, hd] (row t = token t)"""
+    _check_pdl(use_pdl)
+    Hq, hd = q_out.shape
+    Hkv = k_cache.shape[1]
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd // 2
+    assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    _qk_norm_rope_kernel[(Hq + 2 * Hkv,)](
+        qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, v_cache, eps,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        HQ=Hq, HKV=Hkv, HD=hd, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=1)
+
+
+# ---------------------------------------------------------------------------
+# 6. split-KV decode attention (flash-decoding) with in-kernel combine
+# ---------------------------------------------------------------------------
+# grid = (Hkv, NSPLIT). Program (h, s) handles all G = Hq/Hkv query heads of kv
+# head h (so K/V are read once) over rows [s*chunk, (s+1)*chunk) of 0..L-1,
+# chunk = cdiv(L, NSPLIT) rounded up to BLOCK_S. The G query rows are padded
+# to BLOCK_G >= 16 so both products can use tl.dot (tensor cores; the padding
+# is free since this kernel is bandwidth bound).
+#
+# Combine in the same launch: each program writes its partial (m, l, acc) to
+# scratch and bumps counter[h]; the program that arrives last merges them.
+# Memory ordering: every thread's partial stores precede the CTA barrier
+# (debug_barrier = bar.sync); the counter atomic then runs in one thread with
+# acq_rel at gpu scope. Release is cumulative in the PTX memory model, so all
+# stores ordered before it by the barrier become visible to whichever program
+# later acquires the counter (this is the pattern cooperative-groups grid sync
+# uses: __syncthreads, then one thread's fence + atomic). The last program's
+# acquire is broadcast to its other threads through Triton's shared-memory
+# barrier for scalar atomics; its scratch loads use .cg (L2) so no stale L1
+# line can be read. It resets counter[h] to 0 for the next graph replay; the
+# kernel boundary orders that store before any later launch.
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,
+                        m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale,
+                        stride_kt, stride_kh, stride_vt, stride_vh,
+                        G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
+                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, COMB: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    _pdl_wait(USE_PDL)
+    L = tl.load(pos_ptr) + 1
+    chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)   # start >= end: empty partial
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HD)
+    qh = h * G + g                                                   # [BLOCK_G] query heads
+    g_ok = g < G
+    q = tl.load(q_ptr + qh[:, None] * HD + d[None, :], mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HD]
+
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)   # running max (log2 domain)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)                  # running sum of exp2
+    acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)            # unnormalized output
+    k_base = k_ptr + h * stride_kh + d[None, :]
+    v_base = v_ptr + h * stride_vh + d[None, :]
+    for t0 in range(start, end, BLOCK_S):
+        t = t0 + tl.arange(0, BLOCK_S)                             # [BLOCK_S] cache rows
+        t_ok = t < end
+        k = tl.load(k_base + t[:, None] * stride_kt, mask=t_ok[:, None], other=0.0)  # [BLOCK_S, HD]
+        v = tl.load(v_base + t[:, None] * stride_vt, mask=t_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                      # [BLOCK_G, BLOCK_S]
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid row
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    # partial -> scratch: m, l [Hq, NSPLIT], acc [Hq, NSPLIT, HD]
+    row = qh * NSPLIT + split
+    tl.store(m_ptr + row, m, mask=g_ok)
+    tl.store(l_ptr + row, l, mask=g_ok)
+    tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=g_ok[:, None])
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel")
+    if arrived == NSPLIT - 1:
+        sp = tl.arange(0, COMB)
+        for gi in tl.static_range(G):
+            base = (h * G + gi) * NSPLIT
+            m_max = float("-inf")
+            for s0 in tl.static_range(0, NSPLIT, COMB):
+                ms = tl.load(m_ptr + base + s0 + sp, mask=s0 + sp < NSPLIT, other=float("-inf"),
+                             cache_modifier=".cg")
+                m_max = tl.maximum(m_max, tl.max(ms, axis=0))
+            den = tl.zeros([COMB], dtype=tl.float32)
+            o = tl.zeros([COMB, HD], dtype=tl.float32)
+            for s0 in tl.static_range(0, NSPLIT, COMB):
+                ok = s0 + sp < NSPLIT
+                ms = tl.load(m_ptr + base + s0 + sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(l_ptr + base + s0 + sp, mask=ok, other=0.0, cache_modifier=".cg")
+                a = tl.load(acc_ptr + (base + s0 + sp)[:, None] * HD + d[None, :], mask=ok[:, None],
+                            other=0.0, cache_modifier=".cg")
+                w = tl.exp2(ms - m_max)   # empty partials: exp2(-inf) = 0
+                den += w * ls
+                o += w[:, None] * a
+            res = tl.sum(o, axis=0) / tl.sum(den, axis=0)
+            tl.store(out_ptr + (h * G + gi) * HD + d, res.to(out_ptr.dtype.element_ty))
+        tl.store(cnt_ptr + h, 0)
+
+
+def attention_nsplit(Hkv, sms=None):
+    """Default number of KV splits: about 2 programs per SM."""
+    sms = sms or num_sms()
+    return max(1, triton.cdiv(2 * sms, Hkv))
+
+
+def make_attention_scratch(Hq, Hkv, hd, nsplit, device):
+    """Preallocated split-KV scratch: (m [Hq, nsplit], l [Hq, nsplit],
+    acc [Hq, nsplit, hd], counter int32[Hkv] = 0). Shareable by all layers."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return (torch.empty(Hq, nsplit, **f32), torch.empty(Hq, nsplit, **f32),
+            torch.empty(Hq, nsplit, hd, **f32), torch.zeros(Hkv, dtype=torch.int32, device=device))
+
+
+def decode_attention(q, k_cache, v_cache, pos, out, scratch, scale, BLOCK_S=64, num_warps=4,
+                     num_stages=3, use_pdl=False):
+    """q [Hq, hd], k_cache/v_cache [S, Hkv, hd], pos int32[1] (attends rows 0..pos),
+    out [Hq*hd], scratch from make_attention_scratch (its shape fixes NSPLIT).
+    num_stages=3 keeps two K/V tiles in flight (cp.async) while one is used."""
+    _check_pdl(use_pdl)
+    Hq, hd = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    m_s, l_s, acc_s, cnt = scratch
+    nsplit = m_s.shape[1]
+    assert q.is_contiguous() and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    assert m_s.shape == (Hq, nsplit) and acc_s.shape == (Hq, nsplit, hd) and cnt.numel() >= Hkv
+    _decode_attn_kernel[(Hkv, nsplit)](
+        q, k_cache, v_cache, pos, out, m_s, l_s, acc_s, cnt, scale * LOG2E,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, NSPLIT=nsplit,
+        COMB=min(32, triton.next_power_of_2(nsplit)), USE_PDL=use_pdl, launch_pdl=use_pdl,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+# --- the sampler, inside the graph
+#
+#
+# sample_step() launches the same 7 Triton kernels on every call:
+#
+#     1. first pass     argmax and max of the logits, and the first top-k radix pass
+#     2-3. top-k        the remaining radix passes of the top-k threshold
+#     4-6. top-p        the radix passes of the top-p threshold
+#     7. Gumbel pass    draws the token among the allowed logits and writes tok / ring / pos / step
+#
+# Nothing is allocated and the host never reads a device value, so the sequence can be captured once
+# in a CUDA graph and replayed for every token. temperature / top_k / top_p / seed live in device
+# memory, so a new generation only rewrites them (set_params); no recapture. Kernels that the current
+# settings do not need return right after reading the settings: greedy does its work in kernel 1,
+# temperature-only in kernels 1 and 7, top-k adds 2-3, top-p adds 4-6.
+#
+# Semantics are Hugging Face's (TemperatureLogitsWarper -> TopK -> TopP, then multinomial):
+#     scores  = logits / temperature
+#     top-k   keeps scores >= the k-th largest score (ties kept)
+#     top-p   on softmax(scores) renormalised over the top-k survivors, keeps a token iff the mass of
+#             the tokens with a strictly higher score is < top_p (so at least one token is kept)
+#     sample  from softmax(scores) renormalised over the kept tokens
+#
+# How the pieces work:
+#
+# * Keys. key(s) is the uint32 image of the fp32 score that preserves order
+#   (negative: flip all bits, positive: flip the sign bit; -0.0 is mapped to +0.0 first), so
+#   "score >= x" becomes "key >= key(x)" and both filters become one threshold on the key:
+#   allowed = {i : key_i >= threshold}, ties included.
+#
+# * Radix select. The threshold is found digit by digit, most significant first (8 + 12 + 12 bits).
+#   Each pass histograms the elements whose higher bits equal the prefix found so far (counts for
+#   top-k, probability mass exp(s - s_max) for top-p), then walks the bins from the top to find the
+#   bin that holds the k-th element / where the cumulative mass reaches top_p * Z.
+#
+# * Last program. A pass is one multi-program kernel. Each program adds its block into global bins
+#   with atomics, then takes a ticket from a per-pass counter (acq_rel); the program that draws the
+#   last ticket sees every other program's atomics, scans the bins, stores the extended prefix and
+#   resets the bins and the counter for the next pass / next replay.
+#
+# * Gumbel-max. argmax_i (s_i + g_i) with g_i = -log(-log(u_i)) i.i.d. Gumbel is an exact sample of
+#   softmax(s) restricted to the set the argmax runs over. u_i = Philox(key = seed,
+#   counter = (i, step)), so every (seed, step, i) gets its own independent uniform.
+#
+# * Top-p candidates. Without top-k, all V tokens would send their mass to the first top-p pass.
+#   But token i cannot survive top-p if n * w_i <= (1 - top_p) * Z_k, with w_i = exp(s_i - s_max)
+#   and n the size of the top-k set: the tokens at or below i are at most n and none weighs more
+#   than w_i, so they hold at most (1 - top_p) * Z_k, and the mass above i is >= top_p * Z_k.
+#   Such tokens all lie below the threshold, so leaving them out of the mass histograms cannot move
+#   it. Z_k is not known yet in that pass; Z_k >= 1 (the max token, w = 1, is always in the set)
+#   with top-k on, Z_k = Z (summed in the first pass) with top-k off. Only tokens above half that
+#   floor (half: room for rounding) send atomics; for real logits that is a few hundred at most.
+
+# Radix digits (shift, bits), most significant first: 8 + 12 + 12 = 32 key bits.
+# Every element takes part in the first top-k pass, so its digit is narrow enough (256 bins) to be
+# pre-reduced inside each program with tl.histogram. Later passes only see the elements sharing the
+# prefix found so far (usually a few), so wide digits with direct atomics keep the pass count at 3.
+DIGITS = ((24, 8), (12, 12), (0, 12))
+MAX_BINS = 1 << 12
+
+# Slots of the scalar scratch arrays.
+I_ARGMAX = tl.constexpr(0)       # argmax of the logits
+I_TOPK_PREFIX = tl.constexpr(1)  # top-k key prefix found so far; after the last pass: the threshold
+I_TOPK_ABOVE = tl.constexpr(2)   # number of elements with a key above the prefix range
+I_TOPK_COUNT = tl.constexpr(3)   # number of elements kept by top-k (V when top-k is off)
+I_TOPP_PREFIX = tl.constexpr(4)  # same for top-p
+F_SMAX = tl.constexpr(0)         # max score, s_max = max(logits) / T
+F_Z = tl.constexpr(1)            # sum exp(s - s_max) over all V (only when top-p is on, top-k off)
+F_ZK = tl.constexpr(2)           # sum exp(s - s_max) over the top-k set; atomically accumulated
+F_TOPP_TARGET = tl.constexpr(3)  # top_p * Z_k
+F_TOPP_ABOVE = tl.constexpr(4)   # mass of the elements above the top-p prefix range
+
+# One arrival counter per kernel of the sequence.
+FIRST_PASS, TOPK_PASS_1, TOPK_PASS_2, TOPP_PASS_0, TOPP_PASS_1, TOPP_PASS_2, GUMBEL_PASS = range(7)
+NUM_KERNELS = 7
+
+
+@dataclass
+class SamplerState:
+    """Per-generation settings and per-token outputs, all in device memory (shape [1] unless said)."""
+    temperature: torch.Tensor  # f32, 0 = greedy
+    top_k: torch.Tensor        # i32, 0 = off
+    top_p: torch.Tensor        # f32, 1.0 = off
+    seed: torch.Tensor         # i64
+    step: torch.Tensor         # i64, tokens sampled so far in this generation
+    tok: torch.Tensor          # i32, the sampled token (also the next decode step's input)
+    pos: torch.Tensor          # i32, incremented by one per call
+    ring: torch.Tensor         # i32 [ring_size], ring[step % ring_size] = token
+
+
+@dataclass
+class SamplerScratch:
+    """Preallocated scratch. Every call leaves it as it found it (bins, counters, Z_k zeroed)."""
+    vocab: int
+    block: int                 # logits per program
+    num_programs: int          # cdiv(vocab, block): every kernel runs on this grid
+    ints: torch.Tensor         # i32 [8]   scalar slots I_*
+    floats: torch.Tensor       # f32 [8]   scalar slots F_*
+    counters: torch.Tensor     # i32 [NUM_KERNELS] arrival counters
+    count_bins: torch.Tensor   # i32 [MAX_BINS] top-k histogram
+    mass_bins: torch.Tensor    # f32 [MAX_BINS] top-p histogram
+    part_val: torch.Tensor     # f32 [num_programs] per-program best value (max logit / Gumbel score)
+    part_idx: torch.Tensor     # i32 [num_programs] index of that value
+    part_z: torch.Tensor       # f32 [num_programs] per-program sum exp(s - local max)
+
+
+def make_sampler_state(device, V, ring_size):
+    """Greedy settings, step 0. (V is unused: nothing in the state depends on it.)"""
+    i32, i64, f32 = torch.int32, torch.int64, torch.float32
+    return SamplerState(
+        temperature=torch.zeros(1, dtype=f32, device=device),
+        top_k=torch.zeros(1, dtype=i32, device=device),
+        top_p=torch.ones(1, dtype=f32, device=device),
+        seed=torch.zeros(1, dtype=i64, device=device),
+        step=torch.zeros(1, dtype=i64, device=device),
+        tok=torch.zeros(1, dtype=i32, device=device),
+        pos=torch.zeros(1, dtype=i32, device=device),
+        ring=torch.zeros(ring_size, dtype=i32, device=device),
+    )
+
+
+def make_sampler_scratch(device, V, block=1024):
+    num_programs = triton.cdiv(V, block)
+    zeros = lambda n, dtype: torch.zeros(n, dtype=dtype, device=device)
+    return SamplerScratch(
+        vocab=V, block=block, num_programs=num_programs,
+        ints=zeros(8, torch.int32), floats=zeros(8, torch.float32),
+        counters=zeros(NUM_KERNELS, torch.int32),
+        count_bins=zeros(MAX_BINS, torch.int32), mass_bins=zeros(MAX_BINS, torch.float32),
+        part_val=zeros(num_programs, torch.float32), part_idx=zeros(num_programs, torch.int32),
+        part_z=zeros(num_programs, torch.float32),
+    )
+
+
+def set_params(state, temperature, top_k=0, top_p=1.0, seed=0):
+    """Host helper, called between generations (not inside the graph). Also resets step to 0."""
+    if not (temperature >= 0.0 and top_k >= 0 and 0.0 <= top_p <= 1.0):
+        raise ValueError(f"bad sampling params T={temperature} top_k={top_k} top_p={top_p}")
+    state.temperature.fill_(float(temperature))
+    state.top_k.fill_(int(top_k))
+    state.top_p.fill_(float(top_p))
+    state.seed.fill_(int(seed))
+    state.step.zero_()
+
+
+def sample_step(logits, state, scratch, greedy_only=False):
+    """Sample one token from logits (fp32, [V] or [1, V], contiguous) into state.tok, then
+    ring[step % R] = tok, pos += 1, step += 1.
+
+    Always the same launches (capturable). greedy_only=True launches only the first kernel and
+    always takes the argmax: for a graph captured for greedy generations only.
+    """
+    logits = logits.reshape(-1)  # a view: [1, V] -> [V]
+    V, block = scratch.vocab, scratch.block
+    assert logits.numel() == V and logits.is_contiguous()
+    grid = (scratch.num_programs,)
+    parts = triton.next_power_of_2(scratch.num_programs)
+    settings = (state.temperature, state.top_k, state.top_p)
+    outputs = (state.tok, state.pos, state.step, state.ring, state.ring.numel())
+
+    _first_pass_kernel[grid](
+        logits, *settings, *outputs,
+        scratch.ints, scratch.floats, scratch.counters, scratch.count_bins,
+        scratch.part_val, scratch.part_idx, scratch.part_z,
+        V, BLOCK=block, NUM_PARTS=parts, GREEDY_ONLY=greedy_only,
+        SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=FIRST_PASS, num_warps=4)
+    if greedy_only:
+        return
+    for counter, (shift, bits) in zip((TOPK_PASS_1, TOPK_PASS_2), DIGITS[1:]):
+        _topk_pass_kernel[grid](
+            logits, *settings, scratch.ints, scratch.counters, scratch.count_bins,
+            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, num_warps=4)
+    for counter, (shift, bits) in zip((TOPP_PASS_0, TOPP_PASS_1, TOPP_PASS_2), DIGITS):
+        _topp_pass_kernel[grid](
+            logits, *settings, scratch.ints, scratch.floats, scratch.counters, scratch.mass_bins,
+            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, num_warps=4)
+    _gumbel_kernel[grid](
+        logits, *settings, state.seed, *outputs,
+        scratch.ints, scratch.counters, scratch.part_val, scratch.part_idx,
+        V, BLOCK=block, NUM_PARTS=parts, COUNTER=GUMBEL_PASS, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V):
+    t = tl.load(temperature_ptr)
+    k = tl.load(top_k_ptr)
+    p = tl.maximum(tl.load(top_p_ptr), 0.0)
+    sampling = t > 0.0
+    topk_on = sampling & (k > 0) & (k < V)   # k >= V keeps everything, like k = 0
+    topp_on = sampling & (p < 1.0)
+    return t, k, p, sampling, topk_on, topp_on
+
+
+@triton.jit
+def _scores_and_keys(x, t):
+    """s = x / t rounded as torch rounds it, and key = order-preserving uint32 image of s."""
+    s = tl.math.div_rn(x, t)  # plain "/" is approximate on GPU; HF's cut-offs need the exact s
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 for torch, so both must get the same key
+    bits = s.to(tl.uint32, bitcast=True)
+    negative = (bits.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True)  # 0 or ~0
+    key = bits ^ (negative | 0x80000000)
+    return s, key
+
+
+@triton.jit
+def _digit(key, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    return ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _add_to_bins(bins_ptr, digit, val, mask, NBINS: tl.constexpr):
+    """bins[digit] += val for the masked elements of this block, with atomics.
+
+    Atomics on one address serialise in L2, and ties or flat tails put many elements in one bin.
+    So this block's lowest and highest bins are summed here and sent as one atomic each.
+    """
+    lo = tl.min(tl.where(mask, digit, NBINS), axis=0)
+    hi = tl.max(tl.where(mask, digit, -1), axis=0)
+    lo_sum = tl.sum(tl.where(mask & (digit == lo), val, 0), axis=0)
+    hi_sum = tl.sum(tl.where(mask & (digit == hi), val, 0), axis=0)
+    tl.atomic_add(bins_ptr + lo, lo_sum, mask=lo < NBINS, sem="relaxed")
+    tl.atomic_add(bins_ptr + hi, hi_sum, mask=(hi >= 0) & (hi != lo), sem="relaxed")
+    rest = mask & (digit != lo) & (digit != hi)
+    tl.atomic_add(bins_ptr + digit, val, mask=rest, sem="relaxed")
+
+
+@triton.jit
+def _is_last_program(counter_ptr):
+    """Take a ticket; True in the program that finishes last.
+
+    The barrier makes every thread's stores and atomics precede the ticket, which is taken with
+    release semantics; the acquire half makes the last program see every other program's.
+    """
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    return ticket == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _scan_bins(bins_ptr, NBINS: tl.constexpr, above, target):
+    """Find the highest digit d with above + sum(bins[d:]) >= target, then zero the bins.
+
+    Returns (d, above + sum(bins[d+1:]), bins[d]). If rounding in the mass sums left the target
+    unreached, falls back to the lowest non-empty bin (keeps more tokens rather than none).
+    Called by the last program only; volatile loads bypass L1 so no stale line is read.
+    """
+    j = tl.arange(0, NBINS)                                   # j = NBINS-1-d: top bin first
+    vals = tl.load(bins_ptr + (NBINS - 1 - j), volatile=True)
+    reached = (above + tl.cumsum(vals, axis=0)) >= target     # above + sum(bins[NBINS-1-j:])
+    j_hit = tl.min(tl.where(reached, j, NBINS), axis=0)
+    j_low = tl.max(tl.where(vals > 0, j, 0), axis=0)
+    j_hit = tl.where(j_hit < NBINS, j_hit, j_low)
+    higher = tl.sum(tl.where(j < j_hit, vals, 0), axis=0)
+    at = tl.sum(tl.where(j == j_hit, vals, 0), axis=0)
+    tl.store(bins_ptr + j, tl.zeros([NBINS], vals.dtype))
+    return NBINS - 1 - j_hit, above + higher, at
+
+
+@triton.jit
+def _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size):
+    step = tl.load(step_ptr)
+    tl.store(tok_ptr, token)
+    tl.store(ring_ptr + step % ring_size, token)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    tl.store(step_ptr, step + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels, in launch order. All run on grid (cdiv(V, BLOCK),); program pid owns logits
+# [pid * BLOCK, (pid + 1) * BLOCK).
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _first_pass_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
+    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
+    ints_ptr, floats_ptr, counters_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
+    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, GREEDY_ONLY: tl.constexpr,
+    SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+):
+    """argmax / max of the logits (+ Z when top-p runs without top-k) and the first top-k digit."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < V
+    x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)  # [BLOCK]
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+
+    # Lowest index among equal maxima, here and across programs below.
+    x_max, i_max = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(part_val_ptr + pid, x_max)
+    tl.store(part_idx_ptr + pid, pid * BLOCK + i_max)
+
+    if topk_on:
+        _, key = _scores_and_keys(x, t)
+        # Every element counts in this pass: reduce in-program first, then one atomic per bin.
+        hist = tl.histogram(_digit(key, SHIFT, BITS), 1 << BITS, mask=valid)  # [1 << BITS]
+        tl.atomic_add(count_bins_ptr + tl.arange(0, 1 << BITS), hist, mask=hist > 0,
+                      sem="relaxed")
+    need_z = topp_on & ~topk_on
+    if need_z:
+        # sum exp(s - local max); the last program rescales each to the global max.
+        s = tl.math.div_rn(x, t)
+        s_local_max = tl.math.div_rn(x_max, t)
+        w = tl.where(s > float("-inf"), tl.exp(s - s_local_max), 0.0)
+        tl.store(part_z_ptr + pid, tl.sum(w, axis=0))
+
+    if _is_last_program(counters_ptr + COUNTER):
+        j = tl.arange(0, NUM_PARTS)
+        live = j < tl.num_programs(0)
+        vals = tl.load(part_val_ptr + j, mask=live, other=float("-inf"), volatile=True)
+        idxs = tl.load(part_idx_ptr + j, mask=live, other=0, volatile=True)
+        best_val, best_part = tl.max(vals, axis=0, return_indices=True,
+                                     return_indices_tie_break_left=True)
+        argmax = tl.sum(tl.where(j == best_part, idxs, 0), axis=0)
+        tl.store(ints_ptr + I_ARGMAX, argmax)
+        if (t == 0.0) | GREEDY_ONLY:
+            _emit_token(argmax, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
+        if sampling:
+            s_max = tl.math.div_rn(best_val, t)
+            tl.store(floats_ptr + F_SMAX, s_max)
+            if need_z:
+                z_parts = tl.load(part_z_ptr + j, mask=live, other=0.0, volatile=True)
+                s_local_max = tl.math.div_rn(vals, t)
+                z = tl.sum(tl.where(s_local_max > float("-inf"),
+                                    z_parts * tl.exp(s_local_max - s_max), 0.0), axis=0)
+                tl.store(floats_ptr + F_Z, z)
+            if topk_on:
+                d, above, _ = _scan_bins(count_bins_ptr, 1 << BITS, 0, k)
+                tl.store(ints_ptr + I_TOPK_PREFIX, d)
+                tl.store(ints_ptr + I_TOPK_ABOVE, above)
+            else:
+                tl.store(ints_ptr + I_TOPK_PREFIX, 0)  # threshold 0: every key passes
+                tl.store(ints_ptr + I_TOPK_COUNT, V)
+        tl.store(counters_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _topk_pass_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, counters_ptr, count_bins_ptr,
+    V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+):
+    """One more digit of the top-k threshold: the largest key t with count(key >= t) >= k."""
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+    if topk_on:
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < V
+        x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        _, key = _scores_and_keys(x, t)
+        prefix = tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True)
+        match = valid & ((key >> (SHIFT + BITS)) == prefix)
+        if tl.max(match.to(tl.int32), axis=0) > 0:
+            _add_to_bins(count_bins_ptr, _digit(key, SHIFT, BITS), match.to(tl.int32), match,
+                         1 << BITS)
+
+        if _is_last_program(counters_ptr + COUNTER):
+            above = tl.load(ints_ptr + I_TOPK_ABOVE)
+            d, above, at = _scan_bins(count_bins_ptr, 1 << BITS, above, k)
+            prefix = (prefix << BITS) | d.to(tl.uint32)
+            tl.store(ints_ptr + I_TOPK_PREFIX, prefix.to(tl.int32, bitcast=True))
+            tl.store(ints_ptr + I_TOPK_ABOVE, above)
+            tl.store(ints_ptr + I_TOPK_COUNT, above + at)  # final after the last pass
+            tl.store(counters_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _topp_pass_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, floats_ptr, counters_ptr,
+    mass_bins_ptr,
+    V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+):
+    """One digit of the top-p threshold: the largest key t with mass(key >= t) >= top_p * Z_k."""
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+    if topp_on:
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < V
+        x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        s, key = _scores_and_keys(x, t)
+        w = tl.exp(s - tl.load(floats_ptr + F_SMAX))  # unnormalised probability, <= 1
+
+        topk_threshold = tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True)
+        in_topk = valid & (key >= topk_threshold)
+        # Candidate floor (module docstring): Z_k >= 1 (the max is in the set); without top-k,
+        # Z_k = Z. Half the floor leaves room for rounding.
+        n_topk = tl.load(ints_ptr + I_TOPK_COUNT).to(tl.float32)
+        z_bound = tl.where(topk_on, 1.0, tl.load(floats_ptr + F_Z))
+        floor = 0.5 * (1.0 - p) * z_bound / n_topk
+        cand = in_topk & (w >= floor)
+        if SHIFT + BITS == 32:
+            # First digit: also sum Z_k, the mass of the whole top-k set.
+            tl.atomic_add(floats_ptr + F_ZK, tl.sum(tl.where(in_topk, w, 0.0), axis=0),
+                          sem="relaxed")
+        else:
+            prefix = tl.load(ints_ptr + I_TOPP_PREFIX).to(tl.uint32, bitcast=True)
+            cand = cand & ((key >> (SHIFT + BITS)) == prefix)
+        if tl.max(cand.to(tl.int32), axis=0) > 0:
+            _add_to_bins(mass_bins_ptr, _digit(key, SHIFT, BITS), w, cand, 1 << BITS)
+
+        if _is_last_program(counters_ptr + COUNTER):
+            if SHIFT + BITS == 32:
+                z_topk = tl.load(floats_ptr + F_ZK, volatile=True)
+                tl.store(floats_ptr + F_ZK, 0.0)
+                # top_p = 0 gives target 1e-30: still keeps the top token, as HF does.
+                target = tl.maximum(p * z_topk, 1e-30)
+                tl.store(floats_ptr + F_TOPP_TARGET, target)
+                above = 0.0
+                prefix = tl.full([], 0, tl.uint32)
+            else:
+                target = tl.load(floats_ptr + F_TOPP_TARGET)
+                above = tl.load(floats_ptr + F_TOPP_ABOVE)
+            d, above, _ = _scan_bins(mass_bins_ptr, 1 << BITS, above, target)
+            prefix = (prefix << BITS) | d.to(tl.uint32)
+            tl.store(ints_ptr + I_TOPP_PREFIX, prefix.to(tl.int32, bitcast=True))
+            tl.store(floats_ptr + F_TOPP_ABOVE, above)
+            tl.store(counters_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _gumbel_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
+    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
+    ints_ptr, counters_ptr, part_val_ptr, part_idx_ptr,
+    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, COUNTER: tl.constexpr,
+):
+    """token = argmax over allowed i of (s_i + Gumbel_i); the last program writes the outputs."""
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+    if sampling:
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < V
+        x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        s, key = _scores_and_keys(x, t)
+        threshold = tl.where(topp_on, tl.load(ints_ptr + I_TOPP_PREFIX),
+                             tl.load(ints_ptr + I_TOPK_PREFIX)).to(tl.uint32, bitcast=True)
+        allowed = valid & (key >= threshold)
+
+        best_val = tl.full([], float("-inf"), tl.float32)
+        best_idx = tl.full([], 0, tl.int32)
+        if tl.max(allowed.to(tl.int32), axis=0) > 0:  # with top-k/top-p most blocks skip the RNG
+            # Philox counter (i, step), key seed: distinct for every (seed, step, i).
+            step = tl.load(step_ptr)
+            u = tl.rand(tl.load(seed_ptr), (step << 32) + offs.to(tl.int64))
+            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))  # u can be exactly 0
+            score = tl.where(allowed, s + gumbel, float("-inf"))
+            best_val, best_i = tl.max(score, axis=0, return_indices=True,
+                                      return_indices_tie_break_left=True)
+            best_idx = pid * BLOCK + best_i
+        tl.store(part_val_ptr + pid, best_val)
+        tl.store(part_idx_ptr + pid, best_idx)
+
+        if _is_last_program(counters_ptr + COUNTER):
+            j = tl.arange(0, NUM_PARTS)
+            live = j < tl.num_programs(0)
+            vals = tl.load(part_val_ptr + j, mask=live, other=float("-inf"), volatile=True)
+            idxs = tl.load(part_idx_ptr + j, mask=live, other=0, volatile=True)
+            top_val, top_part = tl.max(vals, axis=0, return_indices=True,
+                                       return_indices_tie_break_left=True)
+            token = tl.sum(tl.where(j == top_part, idxs, 0), axis=0)
+            # Only if every allowed score were -inf (all logits -inf): fall back to the argmax.
+            token = tl.where(top_val > float("-inf"), token, tl.load(ints_ptr + I_ARGMAX))
+            _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
+            tl.store(counters_ptr + COUNTER, 0)
+
+
 # -----------------------------------------------------------------------------
 # fast decoder: buffers, prefill, the CUDA graph, the replay loop
+
+
+def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for prefill on CUDA
+    import flashinfer
+
+    # with more keys than queries FlashInfer aligns the causal mask bottom-right: query t
+    # (position pos + t) sees keys 0..pos+t, so later prefill chunks attend to earlier ones
+    return flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True).reshape(q.shape[0], -1)
+
+
+class FastDecoder:
+    """The CUDA path: every buffer the decode step touches, allocated once, and the graph
+    that runs the whole step. The engine owns the weights, the KV cache and RoPE tables."""
+
+    RING = 64  # slots of the device ring of sampled tokens (token i lands in slot i % RING)
+    READ_EVERY = 8  # graph replays between two read-backs of the ring
+    AHEAD = 32  # most tokens the GPU may run ahead of what the host has read (< RING)
+
+    def __init__(self, engine, prefill_chunk: int = 4096, pdl: bool | None = None, capture: bool = True):
+        cfg, dev, dt = engine.cfg, engine.device, engine.dtype
+        D, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+        Hq, Hkv = cfg.num_heads, cfg.num_kv_heads
+        self.engine, self.prefill_chunk = engine, prefill_chunk
+        # programmatic dependent launch lets each kernel start streaming weights while the
+        # previous one finishes; Hopper and newer only
+        if pdl is None:
+            pdl = dev.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(dev) >= (9, 0)
+        self.pdl = pdl
+
+        # --- the decode step's buffers
+        self.h = torch.empty(D, dtype=torch.float32, device=dev)  # residual stream, fp32
+        self.qkv = torch.empty((Hq + 2 * Hkv) * hd, dtype=dt, device=dev)  # fused q/k/v projection
+        self.q = torch.empty(Hq, hd, dtype=dt, device=dev)  # normed, rotated query
+        self.attn = torch.empty(Hq * hd, dtype=dt, device=dev)  # attention output, o_proj's input
+        self.act = torch.empty(I, dtype=dt, device=dev)  # silu(gate) * up, down_proj's input
+        self.logits = torch.empty(V, dtype=torch.float32, device=dev)  # lm_head output
+        self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, attention_nsplit(Hkv), dev)  # split-KV partials
+        # sampler: settings (temperature, top_k, top_p, seed) and outputs (tok = next input,
+        # pos = its position, step, ring of sampled tokens), all on the device
+        self.s = make_sampler_state(dev, V, self.RING)
+        self.sampler_scratch = make_sampler_scratch(dev, V)
+        # host side of the read-back: pinned copy of the ring, and events marking each copy
+        if not capture:  # tests drive run_step by hand (on the CPU, through Triton's interpreter)
+            return
+        self.host_ring = torch.zeros(self.RING, dtype=torch.int32, pin_memory=True)
+        self.events = [torch.cuda.Event() for _ in range(self.AHEAD // self.READ_EVERY + 2)]
+
+        # prefill one full chunk now: compiles FlashInfer's kernel and lets the allocator
+        # reserve the chunk's activations, so later prefills allocate nothing new
+        warm = min(prefill_chunk, engine.max_seq_len - 1)
+        self.prefill([0] * warm)
+        self.graph = self.capture()
+        engine.reset()
+
+    def run_step(self):
+        """One decode step, exactly as the graph replays it. Reads the token s.tok at
+        position s.pos, the weights and the cache; writes the cache row at s.pos, the
+        logits, and through the sampler s.tok, s.pos + 1, s.step + 1 and the ring."""
+        e, w, s, pdl = self.engine, self.engine.weights, self.s, self.pdl
+        eps, cos, sin, scale = e.cfg.rms_norm_eps, e.rope[0], e.rope[1], e.cfg.head_dim ** -0.5
+        embed(s.tok, w.embed, self.h, use_pdl=pdl)
+        for i, L in enumerate(w.layers):
+            k_cache, v_cache = e.cache.flat(i)
+            rmsnorm_gemv(self.h, L.attn_norm, L.qkv, self.qkv, eps, use_pdl=pdl)
+            qk_norm_rope_append(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, self.q, k_cache, v_cache, eps,
+                                use_pdl=pdl)
+            decode_attention(self.q, k_cache, v_cache, s.pos, self.attn, self.attn_scratch, scale, use_pdl=pdl)
+            gemv_add(self.attn, L.o, self.h, use_pdl=pdl)
+            rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, use_pdl=pdl)
+            gemv_add(self.act, L.down, self.h, use_pdl=pdl)
+        rmsnorm_gemv(self.h, w.norm, w.lm_head, self.logits, eps, use_pdl=pdl)
+        sample_step(self.logits, s, self.sampler_scratch)
+
+    def capture(self):
+        """Record run_step into a CUDA graph. Two eager steps first compile every kernel;
+        they write cache row 0 and advance the sampler state, so both are reset after."""
+        self.s.tok.zero_()
+        self.s.pos.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.s.pos.zero_()
+                self.run_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_step()
+        torch.cuda.synchronize()
+        return graph
+
+    def prefill(self, ids):
+        """Run the prompt through the plain model in chunks, with FlashInfer attention, then
+        sample its first token into s.tok (and ring slot 0) with the graph's sampler."""
+        e = self.engine
+        ids = torch.tensor(ids, dtype=torch.long, device=e.device)
+        with torch.inference_mode():
+            for start in range(0, ids.shape[0], self.prefill_chunk):
+                logits = forward(e.weights, e.cfg, e.cache, e.rope, ids[start:start + self.prefill_chunk], start,
+                                 attention=flashinfer_attention, last_only=True)
+            self.logits.copy_(logits[0])
+            self.s.pos.fill_(ids.shape[0] - 1)  # the sampler moves it on to len(ids)
+            self.s.step.zero_()
+            sample_step(self.logits, self.s, self.sampler_scratch)
+
+    def step(self, token: int):
+        """Teacher-forced step (tests, engine.step): feed token, replay, return the logits."""
+        self.s.tok.fill_(token)
+        self.graph.replay()
+        return self.logits.clone()
+
+    def tokens(self, prompt_ids, limit, temperature, top_k, top_p, seed):
+        """Yield limit tokens (fewer if the caller stops). The host only replays the graph;
+        every READ_EVERY replays it queues a copy of the ring to pinned memory and an event,
+        and it reads tokens once their event has passed, at most AHEAD steps behind the GPU.
+        Tokens computed past the caller's stop are thrown away."""
+        set_params(self.s, temperature, top_k, top_p, seed)
+        self.prefill(prompt_ids)
+        pending, free = [], list(self.events)  # (event, tokens produced when it was recorded)
+
+        def read_back(produced):
+            self.host_ring.copy_(self.s.ring, non_blocking=True)
+            event = free.pop()
+            event.record()
+            pending.append((event, produced))
+
+        produced, done = 1, 0
+        read_back(produced)
+        try:
+            while done < limit:
+                while produced < limit and produced - done < self.AHEAD:
+                    self.graph.replay()
+                    produced += 1
+                    if produced % self.READ_EVERY == 0 or produced == limit:
+                        read_back(produced)
+                event, upto = pending.pop(0)
+                event.synchronize()
+                free.append(event)
+                ring = self.host_ring.tolist()
+                for i in range(done, upto):
+                    yield ring[i % self.RING]
+                done = upto
+        finally:
+            torch.cuda.current_stream().synchronize()  # let any overshoot finish before the next use
+
 
 
 # -----------------------------------------------------------------------------
@@ -450,7 +1563,7 @@ class Engine:
     plain-torch model above."""
 
     def __init__(self, model_dir: str, device=None, dtype=None, max_seq_len: int = 4096,
-                 page_size: int = 16, fast: bool | None = None):
+                 page_size: int = 16, fast: bool | None = None, verbose: bool = True, **fast_options):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
@@ -464,17 +1577,45 @@ class Engine:
         self.rope = rope_tables(self.cfg, max_seq_len, self.device)
         self.pos = 0  # tokens held in the cache (plain path)
         self.stop_reason, self.stats = None, {}
-        self.fast = False
+        self.verbose, self.decoder = verbose, None
         if self.device.type == "cuda" and fast is not False:
-            self.fast = self._start_fast()
+            self._start_fast(**fast_options)
 
-    def _start_fast(self) -> bool:
-        return False
+    @property
+    def fast(self) -> bool:
+        return self.decoder is not None
+
+    def _log(self, message):
+        if self.verbose:
+            print(f"[nanofast] {message}", file=sys.stderr)
+
+    def _start_fast(self, **options):
+        why = None
+        if not HAVE_TRITON:
+            why = "Triton is not installed"
+        elif self.dtype == torch.float32:
+            why = "the fast path runs bfloat16 or float16 weights"
+        else:
+            try:
+                import flashinfer  # noqa: F401
+            except Exception:
+                why = "FlashInfer is not installed (pip install flashinfer-python; see the README)"
+        if why:
+            self._log(f"warning: running the plain-torch path on CUDA: {why}")
+            return
+        t0 = time.perf_counter()
+        self.decoder = FastDecoder(self, **options)
+        gib = 2 ** 30
+        self._log(f"KV cache {self.cache.nbytes / gib:.2f} GiB for {self.max_seq_len} tokens; CUDA graph "
+                  f"captured in {time.perf_counter() - t0:.1f} s; GPU memory in use "
+                  f"{torch.cuda.memory_reserved(self.device) / gib:.2f} GiB")
 
     # plain path: forward / reset / prefill / step
 
     def forward(self, ids, pos: int, last_only: bool = False):
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        if pos + ids.shape[0] > self.max_seq_len:
+            raise NanofastError(f"{pos + ids.shape[0]} tokens do not fit max_seq_len {self.max_seq_len}")
         with torch.inference_mode():
             logits = forward(self.weights, self.cfg, self.cache, self.rope, ids, pos, last_only=last_only)
         self.pos = pos + ids.shape[0]
@@ -484,12 +1625,19 @@ class Engine:
         self.pos = 0
 
     def prefill(self, ids):  # -> fp32 logits (V,) of the last prompt token
-        return self.forward(ids, 0, last_only=True)[0]
+        if not self.fast:
+            return self.forward(ids, 0, last_only=True)[0]
+        self.decoder.prefill(ids)
+        self.pos = len(ids)
+        return self.decoder.logits.clone()
 
     def step(self, token: int):  # -> fp32 logits (V,) after appending one token
         if self.pos >= self.max_seq_len:
             raise NanofastError("the KV cache is full")
-        return self.forward([token], self.pos)[0]
+        if not self.fast:
+            return self.forward([token], self.pos)[0]
+        self.pos += 1
+        return self.decoder.step(token)
 
     # generation
 
@@ -509,7 +1657,7 @@ class Engine:
             raise NanofastError("max_new_tokens must be at least 1")
         limit = min(max_new_tokens, self.max_seq_len - P)
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-        source = (self._fast_tokens if self.fast else self._plain_tokens)(
+        source = (self.decoder.tokens if self.fast else self._plain_tokens)(
             list(prompt_ids), limit, temperature, top_k, top_p, seed)
         stop, n, t_first = set(stop_ids), 0, None
         self.stop_reason, self.stats = None, {}
@@ -535,12 +1683,12 @@ class Engine:
 
     def _plain_tokens(self, prompt_ids, limit, temperature, top_k, top_p, seed):
         generator = torch.Generator().manual_seed(seed)
-        logits = self.prefill(prompt_ids)
+        logits = self.forward(prompt_ids, 0, last_only=True)[0]
         for i in range(limit):
             token = sample(logits, temperature, top_k, top_p, generator)
             yield token
             if i + 1 < limit:
-                logits = self.step(token)
+                logits = self.forward([token], len(prompt_ids) + i)[0]
 
 
 def load(model_dir: str, **kwargs) -> Engine:
@@ -604,10 +1752,10 @@ def read_prompt(args) -> str:
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+                return f.read().removesuffix("\n")  # the newline that ends the file's last line
         except (OSError, UnicodeDecodeError) as e:
             raise NanofastError(f"cannot read --prompt-file {args.prompt_file} ({e.__class__.__name__})") from None
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
+    return sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
 
 
 def download_default(model_dir: str):

@@ -1,0 +1,556 @@
+"""bench.py: how close nanofast comes to the memory-bandwidth floor, and to transformers.
+
+    python bench.py                                   # Qwen3-0.6B shape, random weights, CUDA
+    python bench.py --shape 0.6B,1.7B,4B,8B           # several shapes, one after another
+    python bench.py --model weights/Qwen3-0.6B        # a real checkpoint folder instead
+    python bench.py --profile                         # plus per-kernel times of one decode step
+    python bench.py --shape tiny --device cpu --quick --peers eager   # smoke test, no GPU
+
+At batch size 1 a decode step reads every weight once (lm_head included; a tied
+embedding counts once) plus the KV cache of the context, so the floor is
+bytes per token / copy bandwidth, with the bandwidth measured in the same run by a large
+device-to-device copy (bytes read + written). For each shape it lays out a checkpoint
+of random bf16 weights under the released tensor names, loads it through nanofast.load,
+and measures decode tok/s per context (greedy, no stop ids, median of runs, time after
+the first token), sampling overhead, time to first token, startup (first and second
+load in the process), and the same for transformers eager and static-cache +
+torch.compile. It prints a table, then one line of JSON (the last line of stdout).
+--quick numbers are for smoke tests only.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+import nanofast
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# released Qwen3 shapes: hidden, layers, heads, kv heads, head_dim, intermediate, tied
+SHAPES = {
+    "tiny": (512, 2, 4, 2, 128, 1024, True),  # for smoke tests (GPU-friendly sizes)
+    "0.6B": (1024, 28, 16, 8, 128, 3072, True),
+    "1.7B": (2048, 28, 16, 8, 128, 6144, True),
+    "4B": (2560, 36, 32, 8, 128, 9728, True),
+    "8B": (4096, 36, 32, 8, 128, 12288, False),
+}
+VOCAB = {"tiny": 4096}  # every released shape: 151936
+FACTS_WEIGHT_GB = {"0.6B": 1.192, "1.7B": 3.441, "4B": 8.045, "8B": 15.137}  # FACTS.md, to check our count
+SAMPLING = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's generation_config.json
+TTFT_PROMPTS = (128, 1024, 4096)
+ERRORS = []  # every failed measurement, as "what: error"
+
+
+def attempt(what, fn, *args, **kwargs):
+    """Run one measurement; on any error print it, note it, and return None so the run goes on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001: a benchmark keeps going
+        msg = f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"  FAILED {msg}", flush=True)
+        traceback.print_exc(file=sys.stderr)
+        ERRORS.append(msg)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_once(fn, device) -> float:
+    """Seconds one call of fn takes on the device: CUDA events on a GPU, the host clock elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# -----------------------------------------------------------------------------
+# random checkpoint with the released layout
+
+
+def config_json(shape: str) -> dict:
+    D, L, H, KV, hd, I, tied = SHAPES[shape]
+    V = VOCAB.get(shape, 151936)
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": D,
+            "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV, "head_dim": hd,
+            "intermediate_size": I, "tie_word_embeddings": tied, "vocab_size": V,
+            "rope_theta": 1000000, "rms_norm_eps": 1e-06, "max_position_embeddings": 40960,
+            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": min(151643, V - 2),
+            "eos_token_id": min(151645, V - 1), "torch_dtype": "bfloat16", "use_cache": True, "rope_scaling": None,
+            "sliding_window": None, "use_sliding_window": False, "max_window_layers": L}
+
+
+def tensor_table(c: dict) -> list:
+    """(name, shape) of every tensor a released checkpoint stores, in file order."""
+    D, I, hd, V = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["vocab_size"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (V, D))]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (D,)), (p + "self_attn.q_proj.weight", (q, D)),
+                (p + "self_attn.k_proj.weight", (kv, D)), (p + "self_attn.v_proj.weight", (kv, D)),
+                (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
+                (p + "self_attn.o_proj.weight", (D, q)), (p + "post_attention_layernorm.weight", (D,)),
+                (p + "mlp.gate_proj.weight", (I, D)), (p + "mlp.up_proj.weight", (I, D)),
+                (p + "mlp.down_proj.weight", (D, I))]
+    out.append(("model.norm.weight", (D,)))
+    if not c["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (V, D)))
+    return out
+
+
+def write_checkpoint(folder: str, shape: str, device, shard_bytes: int = 5 << 30) -> str:
+    """Random bf16 weights, std 1/sqrt(fan_in) (activations stay finite), norms 1; reused if complete."""
+    from safetensors.torch import save_file
+
+    c = config_json(shape)
+    done = os.path.join(folder, ".complete")
+    if os.path.exists(done) and open(done).read() == json.dumps(c, sort_keys=True):
+        print(f"  reusing checkpoint {folder}", flush=True)
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+        if f.endswith((".safetensors", ".json", ".complete")):
+            os.remove(os.path.join(folder, f))
+    t0 = time.perf_counter()
+    table = tensor_table(c)
+    total = sum(2 * torch.Size(s).numel() for _, s in table)
+    n_shards = max(1, -(-total // shard_bytes))  # released checkpoints come in shards of a few GB
+    shards, cur, size = [], [], 0
+    for name, s in table:
+        cur.append((name, s))
+        size += 2 * torch.Size(s).numel()
+        if size >= total / n_shards and len(shards) < n_shards - 1:
+            shards, cur, size = shards + [cur], [], 0
+    shards = [sh for sh in shards + [cur] if sh]
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, s in shard:
+            if len(s) == 1:
+                t = torch.ones(s, dtype=torch.bfloat16, device=device)
+            else:
+                t = torch.randn(s, generator=gen, dtype=torch.bfloat16, device=device).mul_(s[1] ** -0.5)
+            tensors[name] = t.cpu()
+            weight_map[name] = fname
+        save_file(tensors, os.path.join(folder, fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(c, f, indent=1)
+    with open(done, "w") as f:
+        f.write(json.dumps(c, sort_keys=True))
+    print(f"  wrote {total / 1e9:.2f} GB random checkpoint ({len(shards)} file(s)) to {folder} "
+          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# the floor: bytes per token and copy bandwidth
+
+
+def bytes_per_token(cfg) -> tuple:
+    """(weight bytes read per decode token, KV bytes per context token), at 2 bytes per value."""
+    D, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    layer = ((cfg.num_heads + 2 * cfg.num_kv_heads) * hd * D + D * cfg.num_heads * hd + 3 * I * D  # qkv, o, mlp
+             + 2 * D + 2 * hd)  # four norms
+    weights = 2 * (cfg.num_layers * layer + D + cfg.vocab_size * D)  # layers, final norm, lm_head
+    return weights, 2 * cfg.num_layers * cfg.num_kv_heads * hd * 2
+
+
+def copy_bandwidth(device, nbytes: int, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + written), median of reps."""
+    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = [time_once(lambda: dst.copy_(src), device) for _ in range(reps + 3)][3:]  # 3 warm-up copies
+    return 2 * src.numel() * 2 / statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# nanofast
+
+
+def random_prompt(n: int, vocab: int, seed: int = 0) -> list:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def nf_stats(engine, prompt, n, **sampling):
+    out = list(engine.generate(prompt, max_new_tokens=n, stop_ids=(), seed=0, **sampling))
+    if len(out) != n:
+        raise RuntimeError(f"generated {len(out)} tokens, expected {n} (stop: {engine.stop_reason})")
+    return dict(engine.stats)
+
+
+def nf_decode(engine, prompt, tokens, runs, **sampling) -> dict:
+    nf_stats(engine, prompt, min(tokens, 16), **sampling)  # warm-up
+    tps = [nf_stats(engine, prompt, tokens, **sampling)["decode_tok_s"] for _ in range(runs)]
+    return {"tok_s": median(tps), "runs": tps}
+
+
+def nf_ttft(engine, prompt, runs) -> float:
+    nf_stats(engine, prompt, 1)
+    return median([nf_stats(engine, prompt, 1)["ttft_s"] for _ in range(runs)])
+
+
+def timed_load(model_dir, device, **kw) -> tuple:
+    t0 = time.perf_counter()
+    engine = nanofast.load(model_dir, device=device, **kw)
+    sync(device)
+    return engine, time.perf_counter() - t0
+
+
+def kernel_table(events, steps: int, device_type) -> list:
+    """Aggregate profiler events of one device type by name: (name, count/step, us/step)."""
+    agg = {}
+    for e in events:
+        if e.device_type == device_type and (device_type != torch.autograd.DeviceType.CPU or e.cpu_parent is None):
+            n, us = agg.get(e.name, (0, 0.0))
+            agg[e.name] = (n + 1, us + e.time_range.elapsed_us())
+    return sorted(((k, n / steps, us / steps) for k, (n, us) in agg.items()), key=lambda r: -r[2])
+
+
+def profile_step(engine, vocab, steps=20, replays=200) -> dict | None:
+    """Per-kernel times of eager decode steps (decoder.run_step) against one graph replay."""
+    dec = getattr(engine, "decoder", None)
+    if dec is None or not hasattr(dec, "run_step"):
+        print("  profile: engine.decoder.run_step not available (plain path); skipped")
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"  # elsewhere top-level CPU ops stand in for kernels (tests)
+    nf_stats(engine, random_prompt(128, vocab), 2)  # leaves the decoder at context ~130
+    replays = max(0, min(replays, engine.max_seq_len - 140 - steps - 3 - 10))  # each step appends a token
+    for _ in range(3):
+        dec.run_step()
+    sync(engine.device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            dec.run_step()
+        sync(engine.device)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    rows = kernel_table(prof.events(), steps, kind)
+    kernel_us = sum(r[2] for r in rows)
+    graph, replay_us = getattr(dec, "graph", None), None
+    if graph is not None and replays > 10:
+        replay_us = 1e6 * statistics.median([time_once(graph.replay, engine.device) for _ in range(replays)][10:])
+    print(f"  profile: {steps} eager steps (decoder.run_step), per step:")
+    print(f"    {'kernel':<64} {'count':>6} {'us':>9} {'%':>6}")
+    for name, n, us in rows:
+        print(f"    {name[:64]:<64} {n:>6.1f} {us:>9.2f} {100 * us / kernel_us:>5.1f}%")
+    gaps = f"; difference (launch gaps) {replay_us - kernel_us:.1f} us" if replay_us else ""
+    print("    (under programmatic dependent launch kernels overlap, so their sum can exceed the step)")
+    print(f"    sum of kernel times {kernel_us:.1f} us/step; graph replay "
+          f"{fmt(replay_us, '.1f', 1, ' us')} (median of {max(0, replays - 10)}){gaps}", flush=True)
+    return {"kernels": [{"name": k, "count": n, "us": us} for k, n, us in rows],
+            "kernel_sum_us": kernel_us, "graph_replay_us": replay_us}
+
+
+# -----------------------------------------------------------------------------
+# transformers peers
+
+
+def hf_peer(kind, model_dir, device, dtype, vocab, tokens, runs) -> dict:
+    """Decode tok/s = (N - N/2) / (t(N tokens) - t(N/2 tokens)), TTFT = t(1 token), all medians.
+
+    The difference of two generate calls cancels each call's fixed costs (prefill, cache
+    allocation, CUDA-graph re-recording for a fresh static cache), leaving decode steps."""
+    import transformers
+    from transformers import Qwen3ForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    try:
+        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device))
+    except Exception as e:  # noqa: BLE001: older or newer loaders; fall back to a plain move
+        print(f"  ({kind}: from_pretrained(device_map=...) failed ({str(e)[:60]}...); loading on CPU, then moving)")
+        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None  # ignore eos: always N tokens
+    sync(device)
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([random_prompt(128, vocab)], device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    if kind == "compile":  # transformers 5: a static cache makes generate compile the decode step
+        kw["cache_implementation"] = "static"
+        try:
+            from transformers import CompileConfig
+            kw["compile_config"] = CompileConfig(mode="reduce-overhead", fullgraph=False)
+        except ImportError:
+            pass
+
+    def run(n):
+        sync(device)
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        if out.shape[1] - ids.shape[1] != n:
+            raise RuntimeError(f"{kind} generated {out.shape[1] - ids.shape[1]} tokens, expected {n}")
+        return time.perf_counter() - t
+
+    half = tokens // 2
+    t0 = time.perf_counter()
+    for n in [tokens] * (3 if kind == "compile" else 1) + [half, 1]:  # compile, record CUDA graphs
+        run(n)
+    warmup_s = time.perf_counter() - t0
+    t1 = median([run(1) for _ in range(runs)])
+    th = median([run(half) for _ in range(runs)])
+    tn = median([run(tokens) for _ in range(runs)])
+    compiled = getattr(model, "_compiled_call", None) is not None
+    del model
+    free(device)
+    if kind == "compile":
+        torch._dynamo.reset()
+    return {"decode_tok_s": (tokens - half) / (tn - th), "ttft_s": t1, "load_s": load_s, "warmup_s": warmup_s,
+            "tokens": tokens, "runs": runs, "compiled": compiled}
+
+
+# -----------------------------------------------------------------------------
+# one shape
+
+
+def bench_shape(name, model_dir, device, args, res: dict):
+    """Fill res as measurements finish, so a failure part-way keeps what was measured."""
+    res["model_dir"] = model_dir
+    cfg = nanofast.load_config(model_dir)
+    res["config"] = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    res["weight_bytes"], res["kv_bytes_per_context_token"] = w_bytes, kv_bytes = bytes_per_token(cfg)
+    note = ""
+    if name in FACTS_WEIGHT_GB:
+        ok = abs(w_bytes / 1e9 - FACTS_WEIGHT_GB[name]) < 0.001
+        note = f" ({'matches' if ok else 'DIFFERS FROM'} FACTS.md {FACTS_WEIGHT_GB[name]} GB)"
+    res["bandwidth_Bps"] = bw = attempt("bandwidth", copy_bandwidth, device,
+                                        (1 << 30) if device.type == "cuda" else (256 << 20))
+    free(device)
+    print(f"  copy bandwidth {fmt(bw, '.2f', 1e-12, ' TB/s')}; weights read per token "
+          f"{w_bytes / 1e9:.3f} GB{note}; KV {kv_bytes:,} B per context token", flush=True)
+    contexts = args.contexts_for(name, cfg)
+    base = str(128 if 128 in contexts else contexts[0])  # the prompt length that sampling and peers use
+    attempt(f"{name} nanofast", bench_nanofast, name, model_dir, device, args, cfg, contexts, base, res)
+    free(device)
+
+    res["peers"], res["ratios"] = {}, {}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as nanofast picks
+    for kind in args.peers_for(name):
+        p = attempt(f"{name} peer {kind}", hf_peer, kind, model_dir, device, dtype, cfg.vocab_size,
+                    args.peer_tokens, args.peer_runs)
+        free(device)
+        if p is None:
+            continue
+        res["peers"][kind] = p
+        nf_tps, nf_ttft_s = res.get("decode", {}).get(base, {}).get("tok_s"), res.get("ttft_s", {}).get("128")
+        res["ratios"][kind] = {"decode": nf_tps / p["decode_tok_s"] if nf_tps else None,
+                               "ttft": p["ttft_s"] / nf_ttft_s if nf_ttft_s else None}
+
+
+def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
+    T, V, (w_bytes, kv_bytes), bw = args.tokens, cfg.vocab_size, bytes_per_token(cfg), res["bandwidth_Bps"]
+    max_seq_len = max(contexts + list(TTFT_PROMPTS)) + T + 512  # 512: room for --profile's extra steps
+    kw = dict(max_seq_len=max_seq_len, fast=False if args.plain else None)
+    res["startup_s"] = st = {}
+    engine, st["first"] = timed_load(model_dir, device, **kw)  # cold: JIT and capture caches not yet warm
+    engine = None
+    free(device)
+    engine, st["second"] = timed_load(model_dir, device, **kw)
+    res["path"] = "fast" if engine.fast else "plain"
+    print(f"  nanofast {res['path']} path, {engine.dtype}, max_seq_len {max_seq_len}; startup (load + capture): "
+          f"first {st['first']:.2f} s, second {st['second']:.2f} s", flush=True)
+
+    res["decode"] = dec = {}
+    for ctx in contexts:
+        r = attempt(f"{name} decode ctx {ctx}", nf_decode, engine, random_prompt(ctx, V), T, args.runs)
+        if r is None:
+            continue
+        r["bytes_per_token"] = b = w_bytes + kv_bytes * (ctx + T / 2)  # KV at the decode's mean context
+        r["floor_tok_s"] = bw / b if bw else None
+        r["floor_us"] = 1e6 * b / bw if bw else None
+        r["frac_floor"] = r["tok_s"] / r["floor_tok_s"] if bw and r["tok_s"] else None
+        dec[str(ctx)] = r
+        print(f"  decode ctx {ctx}: {fmt(r['tok_s'], '.1f')} tok/s", flush=True)
+    s = attempt(f"{name} sampling", nf_decode, engine, random_prompt(int(base), V), T, args.runs, **SAMPLING)
+    if s and s["tok_s"] and dec.get(base, {}).get("tok_s"):
+        s["overhead_pct"] = 100 * (dec[base]["tok_s"] / s["tok_s"] - 1)  # extra time per token
+    res["sampling"] = s
+    res["ttft_s"] = {str(p): attempt(f"{name} ttft {p}", nf_ttft, engine, random_prompt(p, V), args.runs)
+                     for p in TTFT_PROMPTS}
+    if args.profile:
+        res["profile"] = attempt(f"{name} profile", profile_step, engine, V)
+
+
+def fmt(x, spec, scale=1.0, unit=""):
+    return "-" if x is None else f"{x * scale if scale != 1 else x:{spec}}{unit}"
+
+
+def print_table(name, r, args):
+    print(f"\n== Qwen3-{name} ({r.get('model_dir')}): nanofast {r.get('path', '?')} path ==")
+    print(f"copy bandwidth {fmt(r.get('bandwidth_Bps'), '.2f', 1e-12, ' TB/s')}; weights read per token "
+          f"{fmt(r.get('weight_bytes'), '.3f', 1e-9, ' GB')}; KV {fmt(r.get('kv_bytes_per_context_token'), ',')} "
+          "B per context token")
+    st = r.get("startup_s", {})
+    print(f"startup (nanofast.load, incl. capture): first {fmt(st.get('first'), '.2f', 1, ' s')}, "
+          f"second {fmt(st.get('second'), '.2f', 1, ' s')}")
+    print(f"decode, greedy, {args.tokens} tokens, median of {args.runs} (floor: KV at prompt + {args.tokens}/2):")
+    print(f"  {'context':>8} {'GB/token':>9} {'floor us':>9} {'floor tok/s':>12} {'tok/s':>9} {'of floor':>9}")
+    for ctx, d in r.get("decode", {}).items():
+        print(f"  {ctx:>8} {d['bytes_per_token'] / 1e9:>9.3f} {fmt(d['floor_us'], '>9.1f')} "
+              f"{fmt(d['floor_tok_s'], '>12.0f')} {fmt(d['tok_s'], '>9.1f')} {fmt(d['frac_floor'], '>8.1%')}")
+    s = r.get("sampling") or {}
+    print(f"sampling (t 0.6, top-k 20, top-p 0.95): {fmt(s.get('tok_s'), '.1f', 1, ' tok/s')}, "
+          f"{fmt(s.get('overhead_pct'), '+.1f', 1, '%')} time per token vs greedy")
+    print("time to first token: " + ", ".join(f"{p} tokens {fmt(t, '.2f', 1e3, ' ms')}"
+                                              for p, t in r.get("ttft_s", {}).items()))
+    prof = r.get("profile")
+    if prof:
+        print(f"profile: kernels {prof['kernel_sum_us']:.1f} us per eager step, graph replay "
+              f"{fmt(prof['graph_replay_us'], '.1f', 1, ' us')} (kernel table above)")
+    peers = r.get("peers", {})
+    if peers:
+        p0 = next(iter(peers.values()))
+        print(f"transformers peers (prompt 128, {p0['tokens']} tokens, median of {p0['runs']}; "
+              "decode = (N-N/2)/(t(N)-t(N/2))):")
+        print(f"  {'peer':<9} {'tok/s':>8} {'TTFT ms':>8} {'load s':>7} {'warm-up s':>9} "
+              f"{'nanofast x tok/s':>17} {'x TTFT':>7}")
+        for kind, p in peers.items():
+            q = r["ratios"][kind]
+            label = kind + ("" if kind != "compile" or p["compiled"] else "(!)")
+            print(f"  {label:<9} {p['decode_tok_s']:>8.1f} {p['ttft_s'] * 1e3:>8.2f} {p['load_s']:>7.2f} "
+                  f"{p['warmup_s']:>9.2f} {fmt(q['decode'], '>16.2f', 1, 'x')} {fmt(q['ttft'], '>6.2f', 1, 'x')}")
+        if "compile" in peers and not peers["compile"]["compiled"]:
+            print("  (!) generate did not compile (static cache only; compile runs on CUDA)")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def versions() -> dict:
+    v = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for mod in ("triton", "flashinfer", "transformers"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001: missing or broken: record None
+            v[mod] = None
+    return v
+
+
+def git_commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "nanofast.py"], cwd=HERE,
+                               timeout=10).returncode != 0
+        return (sha + ("+dirty" if dirty else "")) or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark nanofast against the bandwidth floor and transformers.")
+    p.add_argument("--shape", default="0.6B", help=f"comma-separated shapes of {list(SHAPES)} (default 0.6B)")
+    p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one (--shape ignored)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda if available)")
+    p.add_argument("--plain", action="store_true", help="force nanofast's plain-torch path")
+    p.add_argument("--tokens", type=int, default=256, help="new tokens per decode run (default 256, min 256)")
+    p.add_argument("--runs", type=int, default=5, help="runs per measurement, median reported (default 5, min 5)")
+    p.add_argument("--contexts", help="prompt lengths for decode, e.g. 128,4096 (default 128,4096,32768 "
+                   "for 0.6B, 128 for larger shapes)")
+    p.add_argument("--peers", help="transformers peers: eager,compile or none (default eager,compile "
+                   "for 0.6B only)")
+    p.add_argument("--peer-tokens", type=int, default=128, help="new tokens per peer run (default 128)")
+    p.add_argument("--peer-runs", type=int, default=3, help="runs per peer measurement (default 3)")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of one decode step")
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "nanofast-bench"),
+                   help="where random checkpoints are written and reused (default: TMP/nanofast-bench)")
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--quick", action="store_true", help="few tokens and runs: smoke tests only, not for claims")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.tokens, a.runs, a.peer_tokens, a.peer_runs = 32, 2, 16, 2
+    elif a.tokens < 256 or a.runs < 5:
+        print("note: raising --tokens to >= 256 and --runs to >= 5 (use --quick for smoke tests)", file=sys.stderr)
+        a.tokens, a.runs = max(a.tokens, 256), max(a.runs, 5)
+    shapes = list(dict.fromkeys(s.strip() for s in a.shape.split(",") if s.strip()))
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad and not a.model:
+        p.error(f"unknown shape(s) {bad}; choose from {list(SHAPES)}")
+    a.shapes = [os.path.basename(os.path.normpath(a.model)).removeprefix("Qwen3-")] if a.model else shapes
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    a.contexts_for = lambda name, cfg: ints(a.contexts) if a.contexts else (
+        [128, 4096, 32768] if (cfg.hidden_size, cfg.num_layers) == (1024, 28) else
+        [128, 512] if name == "tiny" else [128])
+    a.peers_for = lambda name: ([k for k in a.peers.split(",") if k and k != "none"] if a.peers is not None
+                                else ["eager", "compile"] if name in ("0.6B", "tiny") else [])
+    if any(k not in ("eager", "compile") for k in a.peers_for("0.6B")):
+        p.error("--peers takes eager, compile or none")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = nanofast.pick_device(args.device)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+           f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+           "versions": versions(), "commit": git_commit(), "quick": args.quick, "plain": args.plain,
+           "tokens": args.tokens, "runs": args.runs, "peer_tokens": args.peer_tokens,
+           "peer_runs": args.peer_runs, "shapes": {}, "errors": ERRORS}
+    print(f"bench: {out['device']}; {out['versions']}; commit {out['commit']}"
+          + ("; QUICK: not for claims" if args.quick else ""), flush=True)
+    try:
+        for name in args.shapes:
+            print(f"\n-- {name} --", flush=True)
+            model_dir = args.model or attempt(f"{name} checkpoint", write_checkpoint,
+                                              os.path.join(args.cache_dir, f"Qwen3-{name}"), name, device)
+            if model_dir:
+                out["shapes"][name] = {}
+                attempt(f"{name}", bench_shape, name, model_dir, device, args, out["shapes"][name])
+            free(device)
+        for name, r in out["shapes"].items():
+            attempt(f"{name} table", print_table, name, r, args)
+        if ERRORS:
+            print(f"\n{len(ERRORS)} measurement(s) failed:\n  " + "\n  ".join(ERRORS))
+    finally:
+        line = json.dumps(out, default=str)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(line + "\n")
+        print(line, flush=True)
+    return 1 if ERRORS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
