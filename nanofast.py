@@ -1422,9 +1422,9 @@ class FastDecoder:
         # pos = its position, step, ring of sampled tokens), all on the device
         self.s = make_sampler_state(dev, V, self.RING)
         self.sampler_scratch = make_sampler_scratch(dev, V)
-        # host side of the read-back: pinned copy of the ring, and events marking each copy
         if not capture:  # tests drive run_step by hand (on the CPU, through Triton's interpreter)
             return
+        # host side of the read-back: pinned copy of the ring, and events marking each copy
         self.host_ring = torch.zeros(self.RING, dtype=torch.int32, pin_memory=True)
         self.events = [torch.cuda.Event() for _ in range(self.AHEAD // self.READ_EVERY + 2)]
 

@@ -1150,4 +1150,632 @@ def test_cli_seeded_sampling(cli_runs, tok_dir):
 
 
 # -----------------------------------------------------------------------------
-# GPU tests (appended by the lead; they use requires_cuda)
+# --- GPU kernels, checked against plain torch (Triton's interpreter on the CPU, compiled on CUDA)
+#
+# Each Triton kernel of the decode step is run against the plain-torch code it replaces
+# (nanofast.rms_norm, apply_rope, plain_attention, F.silu, matmuls; nanofast.sample's
+# semantics for the sampler). On a machine without CUDA the kernels run under Triton's
+# CPU interpreter (TRITON_INTERPRET=1, set at the top of this file), on CUDA compiled.
+# The interpreter runs a grid's programs one after another at ~10-20 ms per program
+# whatever its size, so shapes are tiny and grids small.
+#
+# Every output is filled with NaN before a launch, so an element the kernel forgets to
+# write fails the test. References are computed in fp32 from the same (possibly bf16)
+# inputs, so the only differences are the order of summation and the final rounding:
+#     fp32 outputs: max |kernel - reference| <= 1e-4 * max |reference|  (seen: <= 5e-7)
+#     bf16 outputs: max |kernel - reference| <= 2e-2 * max |reference|  (seen: <= 7e-3)
+# One bf16 rounding is at most 2^-9 relative on the GPU (round to nearest) and 2^-8 in the
+# interpreter, which truncates fp32 -> bf16.
+# Attention rounds its probabilities to the cache dtype before the second product, so
+# bf16 caches get the bf16 tolerance.
+
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    import triton  # noqa: F401,E402
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KDEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KDT = torch.bfloat16 if KDEV.type == "cuda" else torch.float32  # default weight/activation dtype
+KHD = 128 if KDEV.type == "cuda" else 16  # head_dim: Qwen3's on CUDA, small in the interpreter
+KTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+NAN = float("nan")
+
+if HAVE_TRITON and INTERPRET:
+    # Two work-arounds for triton 3.6's interpreter only (compiled kernels never see them):
+    # 1. it turns a scalar loaded from memory into a Python int with int(ndarray), which
+    #    numpy >= 2.4 refuses for shape-(1,) arrays: decode attention's loop bounds come
+    #    from pos in memory;
+    # 2. its tl.dot multiplies bf16 operands as their raw uint16 bits: widen them to fp32
+    #    (exact) first.
+    import numpy as np  # noqa: E402
+    import triton.language as tl  # noqa: E402
+    import triton.runtime.interpreter as _interp  # noqa: E402
+
+    def _patch_lang_tensor(tensor, scope, _original=_interp._patch_lang_tensor):
+        _original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    def _create_dot(self, a, b, d, *args, _original=_interp.InterpreterBuilder.create_dot):
+        def widen(x):
+            if x.dtype != tl.bfloat16:
+                return x
+            return _interp.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return _original(self, widen(a), widen(b), d, *args)
+
+    if not getattr(_interp, "_nanofast_test_fix", False):  # once, should this file be imported twice
+        _interp._patch_lang_tensor = _patch_lang_tensor
+        _interp.InterpreterBuilder.create_dot = _create_dot
+        _interp._nanofast_test_fix = True
+
+
+def poisoned(*shape, dtype=torch.float32):
+    return torch.full(shape, NAN, dtype=dtype, device=KDEV)
+
+
+def krandn(*shape, std=1.0, dtype=None):  # seeded on the CPU, so both modes see the same data
+    return (torch.randn(*shape) * std).to(dtype or KDT).to(KDEV)
+
+
+def i32(value):
+    return torch.tensor([value], dtype=torch.int32, device=KDEV)
+
+
+def assert_kernel_close(got, ref, dtype, what="", rtol=None):
+    """got: a kernel's output; ref: fp32 plain torch from the same inputs; dtype: the
+    output's precision (see the section comment for the tolerances), or rtol given.
+    Returns the max abs difference."""
+    got, ref = got.float().reshape(-1).cpu(), ref.float().reshape(-1).cpu()
+    assert got.shape == ref.shape, what
+    assert torch.isfinite(got).all(), f"{what}: {int((~torch.isfinite(got)).sum())} unwritten/non-finite elements"
+    rtol = rtol or KTOL[dtype]
+    scale = float(ref.abs().max()) + 1e-6
+    diff = float((got - ref).abs().max())
+    assert diff <= rtol * scale, f"{what}: max abs diff {diff:.3g} > {rtol} * {scale:.3g}"
+    return diff
+
+
+@pytest.fixture
+def kseed():
+    torch.manual_seed(0)
+
+
+@requires_triton
+def test_kernel_embed(kseed):
+    V, D = 50, 40  # D below the kernel's block: masked tail
+    E = krandn(V, D)
+    for t in (0, 7, V - 1):
+        h = poisoned(D)
+        nanofast.embed(i32(t), E, h)
+        assert torch.equal(h, E[t].float()), t  # a copy: exact
+
+
+@requires_triton
+@pytest.mark.parametrize("N,K,BN,BK,wdt,odt", [
+    (64, 64, None, None, KDT, torch.float32),           # the default launch config, fp32 out (logits)
+    (37, 200, 8, 64, torch.bfloat16, torch.bfloat16),   # ragged N and K, bf16 out (qkv)
+    (48, 100, 16, 128, KDT, torch.float32),             # BLOCK_K > K: one masked tile
+], ids=["default", "ragged-bf16", "wide-block"])
+def test_kernel_rmsnorm_gemv(kseed, N, K, BN, BK, wdt, odt):
+    x = krandn(K, std=3.0, dtype=torch.float32)  # the fp32 residual stream
+    norm_w = (1 + 0.1 * torch.randn(K)).to(wdt).to(KDEV)
+    W = krandn(N, K, std=K ** -0.5, dtype=wdt)
+    out = poisoned(N, dtype=odt)
+    nanofast.rmsnorm_gemv(x, norm_w, W, out, 1e-6, BLOCK_N=BN, BLOCK_K=BK)
+    ref = nanofast.rms_norm(x, norm_w.float(), 1e-6) @ W.float().T
+    assert_kernel_close(out, ref, odt)
+
+
+@requires_triton
+@pytest.mark.parametrize("I,K,BN,BK,wdt", [
+    (32, 64, None, None, KDT),          # default launch config
+    (50, 200, 16, 64, torch.bfloat16),  # ragged I and K
+], ids=["default", "ragged-bf16"])
+def test_kernel_rmsnorm_gemv_silu(kseed, I, K, BN, BK, wdt):
+    x = krandn(K, std=3.0, dtype=torch.float32)
+    norm_w = (1 + 0.1 * torch.randn(K)).to(wdt).to(KDEV)
+    W_gu = krandn(2 * I, K, std=2 * K ** -0.5, dtype=wdt)  # gate rows, then up rows
+    out = poisoned(I, dtype=wdt)
+    nanofast.rmsnorm_gemv_silu(x, norm_w, W_gu, out, 1e-6, BLOCK_N=BN, BLOCK_K=BK)
+    gate, up = (nanofast.rms_norm(x, norm_w.float(), 1e-6) @ W_gu.float().T).chunk(2, dim=-1)
+    assert_kernel_close(out, F.silu(gate) * up, wdt)
+
+
+@requires_triton
+@pytest.mark.parametrize("SK", [1, 3], ids=["no-split", "split-k"])
+def test_kernel_gemv_add(kseed, SK):
+    # K = 300 is ragged for BLOCK_K 64; SPLIT_K 3 -> 3 ranges of 128 columns, atomics into h
+    N, K = 40, 300
+    a = krandn(K)
+    W = krandn(N, K, std=K ** -0.5)
+    h0 = krandn(N, dtype=torch.float32)
+    h = h0.clone()  # h is the output too: no poison, but every element is compared
+    ref = h0
+    for _ in range(2):  # accumulates
+        nanofast.gemv_add(a, W, h, BLOCK_N=16, BLOCK_K=64, SPLIT_K=SK)
+        ref = ref + W.float() @ a.float()
+        assert_kernel_close(h, ref, torch.float32)
+
+
+def _tiny_config(Hq, Hkv, hd):
+    return nanofast.Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=Hq,
+                           num_kv_heads=Hkv, head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6,
+                           tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_qk_norm_rope_append(kseed, dtype):
+    Hq, Hkv, hd, eps = 4, 2, KHD, 1e-6
+    cfg = _tiny_config(Hq, Hkv, hd)
+    cache = nanofast.KVCache(cfg, max_seq_len=12, page_size=4, dtype=dtype, device=KDEV)
+    cache.data.fill_(NAN)
+    k_cache, v_cache = cache.flat(1)  # layer 1 of the paged cache, seen as (12, Hkv, hd)
+    cos, sin = nanofast.rope_tables(cfg, 12, KDEV)
+    q_norm, k_norm = [(1 + 0.1 * torch.randn(hd)).to(dtype).to(KDEV) for _ in range(2)]
+    positions = (0, 3, 4, 11)  # first row, both sides of a page boundary, last row
+    for p in positions:
+        qkv = krandn((Hq + 2 * Hkv) * hd, std=2.0, dtype=dtype)
+        q_out = poisoned(Hq, hd, dtype=dtype)
+        nanofast.qk_norm_rope_append(qkv, q_norm, k_norm, cos, sin, i32(p), q_out, k_cache, v_cache, eps)
+        # forward()'s own code for one token at position p, in fp32
+        q, k, v = qkv.float().split([Hq * hd, Hkv * hd, Hkv * hd])
+        c, s = cos[p:p + 1], sin[p:p + 1]
+        q = nanofast.apply_rope(nanofast.rms_norm(q.view(1, Hq, hd), q_norm.float(), eps), c, s)
+        k = nanofast.apply_rope(nanofast.rms_norm(k.view(1, Hkv, hd), k_norm.float(), eps), c, s)
+        assert_kernel_close(q_out, q, dtype, f"q at {p}")
+        assert_kernel_close(k_cache[p], k, dtype, f"k at {p}")
+        assert_kernel_close(v_cache[p], v, dtype, f"v at {p}")
+    for t in set(range(12)) - set(positions):  # nothing else was written
+        assert k_cache[t].isnan().all() and v_cache[t].isnan().all(), t
+    assert cache.data[0].isnan().all()  # nor layer 0
+
+
+@requires_triton
+@pytest.mark.parametrize("G,nsplit,BLOCK_S,S,dtype,positions", [
+    (1, 1, 16, 64, KDT, (0, 15, 16, 63)),  # L = 1, one tile of 16, a tile and one row, 4 tiles
+    # chunk = cdiv(cdiv(L, 3), 16) * 16: L = 16 and 17 leave splits empty, L = 48 fills all
+    # three chunks of 16, L = 49 has chunks of 32 and an empty third split
+    (2, 3, 16, 64, KDT, (0, 15, 16, 47, 48, 63)),
+    (4, 5, 64, 160, torch.bfloat16, (0, 63, 64, 159)),  # the default BLOCK_S, bf16
+], ids=["gqa1-nsplit1", "gqa2-nsplit3", "gqa4-nsplit5-bf16"])
+def test_kernel_decode_attention(kseed, G, nsplit, BLOCK_S, S, dtype, positions):
+    Hkv, hd = 2, KHD
+    Hq = G * Hkv
+    # the cache through a paged (pages, page_size, Hkv, hd) -> (S, Hkv, hd) view, as FastDecoder uses it
+    k_cache = krandn(S // 16, 16, Hkv, hd, std=2.0, dtype=dtype).view(S, Hkv, hd)
+    v_cache = krandn(S // 16, 16, Hkv, hd, dtype=dtype).view(S, Hkv, hd)
+    scratch = nanofast.make_attention_scratch(Hq, Hkv, hd, nsplit, KDEV)
+    for p in positions:  # repeated calls on one scratch: the combine counter must be reset each time
+        q = krandn(Hq, hd, dtype=dtype)
+        out = poisoned(Hq * hd, dtype=dtype)
+        for t in scratch[:3]:
+            t.fill_(NAN)  # every partial the combine reads must have been written
+        nanofast.decode_attention(q, k_cache, v_cache, i32(p), out, scratch, hd ** -0.5, BLOCK_S=BLOCK_S)
+        ref = nanofast.plain_attention(q[None].float(), k_cache[:p + 1].float(), v_cache[:p + 1].float(), p)
+        assert_kernel_close(out, ref, dtype, f"L={p + 1}")
+        assert not scratch[3].any(), "combine counter not reset"
+
+
+# the sampler: small vocabularies, several programs per grid (block < V, ragged last block)
+
+POISON_TOK = -7
+
+
+def _sampler(V, block, ring=8):
+    return nanofast.make_sampler_state(KDEV, V, ring), nanofast.make_sampler_scratch(KDEV, V, block=block)
+
+
+def _sample(logits, state, scratch):
+    """One sample_step with a poisoned token; checks it was written and the scratch left clean."""
+    state.tok.fill_(POISON_TOK)
+    nanofast.sample_step(logits, state, scratch)
+    tok = int(state.tok)
+    assert 0 <= tok < logits.numel()
+    assert not scratch.counters.any() and not scratch.count_bins.any() and not scratch.mass_bins.any()
+    return tok
+
+
+def kernel_allowed_set(logits, state, scratch):
+    """The tokens the last sample_step could draw: keys of logits / T at or above the threshold
+    it left in scratch (top-p's if top-p was on, else top-k's; 0 = all). The key is the
+    order-preserving uint32 image of the fp32 score, as the kernels compute it."""
+    T, top_p = float(state.temperature), float(state.top_p)
+    slot = nanofast.I_TOPP_PREFIX if top_p < 1.0 else nanofast.I_TOPK_PREFIX
+    threshold = int(scratch.ints[slot.value]) & 0xFFFFFFFF  # the slots are tl.constexpr
+    s = (logits.float().cpu() / T)
+    s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 and +0.0 share a key
+    bits = s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    keys = torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return set((keys >= threshold).nonzero().flatten().tolist())
+
+
+@requires_triton
+def test_kernel_sampler_greedy_is_argmax(kseed):
+    V = 300
+    state, scratch = _sampler(V, block=128)
+    nanofast.set_params(state, 0.0, top_k=5, top_p=0.5)  # filters are ignored when greedy
+    for logits in (torch.randn(V) * 3, torch.round(torch.randn(V) * 2), torch.randn(V) - 60):  # 2nd: ties
+        expected = nanofast.sample(logits, 0.0, 5, 0.5)  # the plain sampler; ties -> lowest index
+        assert expected == int(torch.argmax(logits))
+        assert _sample(logits.to(KDEV), state, scratch) == expected
+
+
+@requires_triton
+def test_kernel_sampler_allowed_set(kseed):
+    """The set sample_step draws from is exactly transformers' (the sort-based allowed_set of
+    the sampling section), for a few (T, top_k, top_p); one state and scratch for all of them,
+    so each call must also find the scratch clean after a call with other settings."""
+    V = 300
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(5)) * 3
+    state, scratch = _sampler(V, block=128)
+    for i, (T, k, p) in enumerate([(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.8, 20, 0.7),
+                                   (1.0, 1, 1.0), (2.0, 0, 0.3)]):
+        s = logits / T
+        assert len(set(s.tolist())) == V  # test data: no ties in fp32 scores
+        expected = allowed_set(logits, T, k, p)
+        if p < 1.0:  # test data: the top-p cut is not a rounding call
+            assert allowed_set(logits, T, k, p - 1e-4) == expected == allowed_set(logits, T, k, p + 1e-4)
+        nanofast.set_params(state, T, k, p, seed=i)
+        tok = _sample(logits.to(KDEV), state, scratch)
+        assert kernel_allowed_set(logits, state, scratch) == expected, (T, k, p)
+        assert tok in expected
+
+
+@requires_triton
+def test_kernel_sampler_seeded_ring_pos_step():
+    V, R = 100, 4
+    logits = (1.0 + 0.01 * torch.randn(V, generator=torch.Generator().manual_seed(7))).to(KDEV)  # ~uniform
+
+    def generate(seed, n):
+        state, scratch = _sampler(V, block=64, ring=R)
+        nanofast.set_params(state, 1.0, 0, 0.9, seed)
+        state.pos.fill_(40)
+        state.ring.fill_(POISON_TOK)
+        tokens = []
+        for i in range(n):
+            tokens.append(_sample(logits, state, scratch))
+            assert (int(state.step), int(state.pos)) == (i + 1, 41 + i), f"call {i}: step/pos"
+            assert int(state.ring[i % R]) == tokens[-1], f"call {i}: ring"
+        if n == 6:
+            assert state.ring.tolist() == [tokens[4], tokens[5], tokens[2], tokens[3]]
+        return tokens
+
+    first = generate(1234, 6)
+    assert generate(1234, 6) == first  # same seed, same tokens
+    assert len(set(first)) > 2  # the step changes the draw
+    assert generate(1235, 3) != first[:3]  # the seed changes it
+
+
+@requires_triton
+def test_kernel_sampler_frequencies():
+    # temperature 2 on 2 * log(probs): the draws follow probs; the -inf token is never drawn
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)
+    logits = torch.cat([2 * probs.log(), torch.tensor([-math.inf], dtype=torch.float64)]).float().to(KDEV)
+    n = 64 if INTERPRET else 4000  # ~0.1 s a draw in the interpreter
+    state, scratch = _sampler(5, block=16)
+    nanofast.set_params(state, 2.0, 0, 1.0, seed=2024)
+    counts = torch.zeros(5, dtype=torch.float64)
+    for _ in range(n):
+        counts[_sample(logits, state, scratch)] += 1
+    assert counts[4] == 0
+    expected = probs * n  # >= 8 each
+    chi2 = float(((counts[:4] - expected) ** 2 / expected).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor(1.5, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))  # 3 degrees of freedom
+    assert p_value > 1e-3, (counts.tolist(), p_value)  # seeded: deterministic
+
+
+def make_small_vocab_checkpoint(d, *, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
+                                intermediate=96, dtype=torch.float32, seed=0):
+    """Like make_checkpoint (same tensor names and weight scales, tied), but with a small
+    vocabulary, so that lm_head and the sampler stay cheap in the interpreter; no tokenizer."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = released_config()
+    cfg.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, max_window_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+               intermediate_size=intermediate, tie_word_embeddings=True)
+    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    q, kv = heads * head_dim, kv_heads * head_dim
+    w = {"model.embed_tokens.weight": randn(vocab, hidden), "model.norm.weight": 1 + 0.1 * randn(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = 1 + 0.1 * randn(hidden)
+        w[p + "self_attn.q_proj.weight"] = randn(q, hidden, std=hidden ** -0.5)
+        w[p + "self_attn.k_proj.weight"] = randn(kv, hidden, std=hidden ** -0.5)
+        w[p + "self_attn.v_proj.weight"] = randn(kv, hidden, std=hidden ** -0.5)
+        w[p + "self_attn.o_proj.weight"] = randn(hidden, q, std=8 * q ** -0.5)
+        w[p + "self_attn.q_norm.weight"] = 1 + 0.1 * randn(head_dim)
+        w[p + "self_attn.k_norm.weight"] = 1 + 0.1 * randn(head_dim)
+        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * randn(hidden)
+        w[p + "mlp.gate_proj.weight"] = randn(intermediate, hidden, std=hidden ** -0.5)
+        w[p + "mlp.up_proj.weight"] = randn(intermediate, hidden, std=hidden ** -0.5)
+        w[p + "mlp.down_proj.weight"] = randn(hidden, intermediate, std=8 * intermediate ** -0.5)
+    save_file({k: v.to(dtype).contiguous() for k, v in w.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    return d
+
+
+# FastDecoder.run_step against the plain model, max |diff| <= RUN_STEP_RTOL * max |reference|
+# for the logits and the K/V rows written: fp32 in the interpreter, where only the order of
+# summation differs (as LOGIT_RTOL; seen <= 7e-7); bf16 on CUDA, against an fp32 engine on the
+# same bf16 weights, where the kernels round qkv, q, K/V, the attention output and the MLP
+# activation to bf16 (with bf16 weights in the interpreter, which truncates to bf16, seen
+# 8e-3 for the logits and 1e-2 for K/V; the GPU rounds to nearest). A wrong position, cache
+# row, head mapping or missing projection moves logits by O(1).
+RUN_STEP_RTOL = 1e-4 if KDT == torch.float32 else 3e-2
+
+
+@requires_triton
+def test_fast_decoder_run_step(tmp_path, monkeypatch):
+    """FastDecoder.run_step driven by hand, teacher-forced over 10 positions (pages of 4),
+    against engine.forward([tok], pos) of a separate plain engine with its own cache."""
+    if INTERPRET:  # size the grids for a 2-SM device: 2 KV splits and few GEMV programs
+        monkeypatch.setattr(nanofast, "num_sms", lambda: 2)
+    V, steps, page = 512, 10, 4
+    d = make_small_vocab_checkpoint(tmp_path / "ckpt", vocab=V, head_dim=KHD, dtype=KDT)
+    engine = nanofast.load(str(d), device=KDEV, dtype=KDT, max_seq_len=16, page_size=page, fast=False,
+                           verbose=False)
+    ref = nanofast.load(str(d), device=KDEV, dtype=torch.float32, max_seq_len=16, page_size=page, fast=False,
+                        verbose=False)
+    decoder = nanofast.FastDecoder(engine, capture=False)
+    nanofast.set_params(decoder.s, 0.0, 0, 1.0, 0)  # greedy
+    engine.cache.data.fill_(NAN)  # rows not yet written must never be read
+    tokens = torch.randint(0, V, (steps,), generator=torch.Generator().manual_seed(1)).tolist()
+    for pos, tok in enumerate(tokens):
+        for buf in (decoder.h, decoder.qkv, decoder.q, decoder.attn, decoder.act, decoder.logits):
+            buf.fill_(NAN)
+        decoder.s.tok.fill_(tok)
+        decoder.s.pos.fill_(pos)
+        with torch.inference_mode():
+            decoder.run_step()
+        got = decoder.logits.cpu()
+        want = ref.forward([tok], pos)[0].cpu()
+        diff = assert_kernel_close(got, want, KDT, f"logits at position {pos}", rtol=RUN_STEP_RTOL)
+        best = int(torch.argmax(got))
+        assert int(decoder.s.tok) == best and int(decoder.s.ring[pos]) == best, f"position {pos}: token"
+        assert (int(decoder.s.pos), int(decoder.s.step)) == (pos + 1, pos + 1), f"position {pos}: pos/step"
+        top2 = want.topk(2).values
+        if top2[0] - top2[1] > 2 * diff:  # the reference's choice is beyond the difference
+            assert best == int(torch.argmax(want)), f"position {pos}"
+    # the cache rows the kernels wrote, crossing two page boundaries, against the plain model's
+    for i in range(engine.cfg.num_layers):
+        for got, want in zip(engine.cache.flat(i), ref.cache.flat(i)):
+            assert_kernel_close(got[:steps], want[:steps], KDT, f"layer {i} cache", rtol=RUN_STEP_RTOL)
+            assert got[steps:].isnan().all()
+
+
+# -----------------------------------------------------------------------------
+# the CUDA fast path: one graph per decode step, against the plain path and transformers
+# (bf16 on the GPU; skipped without CUDA and FlashInfer)
+
+
+def _fast_path_available():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_fast = pytest.mark.skipif(not _fast_path_available(), reason="needs CUDA and FlashInfer")
+
+# Released shapes (random weights) and a tiny one; head_dim 128 as in every Qwen3.
+GPU_SHAPES = {
+    "tiny": dict(hidden=512, layers=2, heads=8, kv_heads=4, intermediate=1024, resid_gain=8),
+    "0.6B": dict(hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072),
+    "4B": dict(hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728),
+}
+
+# bf16 tolerance. Every bf16 implementation rounds activations to 8 bits of mantissa at
+# each op, so after dozens of layers its logits sit a few percent (relative L2) from the
+# fp32 result. The fast path keeps the residual stream and all norms in fp32, so it must be
+# at least as close to the fp32 reference as transformers' own bf16 model is, up to
+# BF16_SLACK; and it must stay within BF16_RTOL of the plain bf16 path and of transformers.
+BF16_SLACK = 1.25
+BF16_RTOL = 0.06
+
+
+def make_gpu_checkpoint(d, *, hidden, layers, heads, kv_heads, intermediate, head_dim=128, resid_gain=2, seed=0):
+    """A random bf16 Qwen3 of a released shape (tied lm_head), generated on the GPU.
+    o_proj and down_proj get resid_gain / sqrt(fan_in) so the layers outweigh the input
+    embedding (with a tied lm_head a weak residual makes greedy decoding repeat a token)."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = released_config()
+    cfg.update(hidden_size=hidden, num_hidden_layers=layers, max_window_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate)
+    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, std=1.0, mean=0.0):
+        return (mean + std * torch.randn(*shape, generator=g, device="cuda")).to(torch.bfloat16).cpu()
+
+    q, kv = heads * head_dim, kv_heads * head_dim
+    w = {"model.embed_tokens.weight": randn(cfg["vocab_size"], hidden), "model.norm.weight": randn(hidden, std=0.1, mean=1)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w.update({
+            p + "input_layernorm.weight": randn(hidden, std=0.1, mean=1),
+            p + "self_attn.q_proj.weight": randn(q, hidden, std=hidden ** -0.5),
+            p + "self_attn.k_proj.weight": randn(kv, hidden, std=hidden ** -0.5),
+            p + "self_attn.v_proj.weight": randn(kv, hidden, std=hidden ** -0.5),
+            p + "self_attn.o_proj.weight": randn(hidden, q, std=resid_gain * q ** -0.5),
+            p + "self_attn.q_norm.weight": randn(head_dim, std=0.1, mean=1),
+            p + "self_attn.k_norm.weight": randn(head_dim, std=0.1, mean=1),
+            p + "post_attention_layernorm.weight": randn(hidden, std=0.1, mean=1),
+            p + "mlp.gate_proj.weight": randn(intermediate, hidden, std=hidden ** -0.5),
+            p + "mlp.up_proj.weight": randn(intermediate, hidden, std=hidden ** -0.5),
+            p + "mlp.down_proj.weight": randn(hidden, intermediate, std=resid_gain * intermediate ** -0.5),
+        })
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+@pytest.fixture(scope="module", params=list(GPU_SHAPES))
+def gpu_case(request, tmp_path_factory):
+    d = make_gpu_checkpoint(tmp_path_factory.mktemp(f"gpu-{request.param}"), **GPU_SHAPES[request.param])
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=1024, verbose=False)
+    assert engine.fast, "the fast path did not start"
+    yield request.param, d, engine
+    del engine
+    torch.cuda.empty_cache()
+
+
+def rel_err(a, b):  # per row: ||a - b|| / ||b||
+    a, b = a.float(), b.float()
+    return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+
+@requires_fast
+def test_fast_logits_match_plain_and_transformers(gpu_case):
+    """Prefill and 256 replayed decode steps (crossing pages of 16), teacher-forced with the
+    fast path's greedy tokens, against the plain bf16 path, transformers' bf16 model and the
+    plain path in fp32."""
+    from transformers import Qwen3ForCausalLM
+
+    name, d, engine = gpu_case
+    prompt = random_prompt(100, seed=5)
+    fast = [engine.prefill(prompt)]
+    for _ in range(256):
+        fast.append(engine.step(int(fast[-1].argmax())))
+    fast = torch.stack(fast)  # (257, V): logits after the prompt and after each step
+    seq = prompt + fast[:-1].argmax(-1).tolist()
+    rows = slice(len(prompt) - 1, None)  # positions whose logits the fast path produced
+    plain = engine.forward(seq, 0)[rows]
+    hf = Qwen3ForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        ref_hf = hf(torch.tensor([seq], device="cuda")).logits[0, rows].float()
+    del hf
+    fp32 = nanofast.load(str(d), device="cuda", dtype=torch.float32, max_seq_len=1024, fast=False, verbose=False)
+    exact = fp32.forward(seq, 0)[rows]
+    del fp32
+    assert torch.isfinite(fast).all() and torch.isfinite(exact).all()
+    err_fast, err_hf, err_plain = rel_err(fast, exact), rel_err(ref_hf, exact), rel_err(plain, exact)
+    print(f"\n{name}: relative L2 error vs fp32, max over 257 positions: fast {err_fast.max():.4f}, "
+          f"transformers bf16 {err_hf.max():.4f}, plain bf16 {err_plain.max():.4f}; fast vs plain "
+          f"{rel_err(fast, plain).max():.4f}, fast vs transformers {rel_err(fast, ref_hf).max():.4f}")
+    assert err_fast.max() <= BF16_SLACK * max(err_hf.max(), err_plain.max())
+    assert rel_err(fast, plain).max() <= BF16_RTOL
+    assert rel_err(fast, ref_hf).max() <= BF16_RTOL
+
+
+def first_divergence(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@requires_fast
+def test_fast_greedy_matches_plain(gpu_case):
+    """128 greedy tokens from the graph's replay loop equal the plain path's. If they part,
+    it must be at a bf16 near tie: the plain path's two candidates within the fast path's
+    measured error of each other."""
+    name, d, engine = gpu_case
+    prompt = random_prompt(64, seed=11)
+    fast = list(engine.generate(prompt, max_new_tokens=128, temperature=0.0))
+    assert engine.stop_reason == "max_new_tokens" and len(fast) == 128
+    plain = list(engine._plain_tokens(prompt, 128, 0.0, 0, 1.0, 0))
+    j = first_divergence(fast, plain)
+    if j is not None:
+        logits = engine.forward(prompt + plain[:j], 0)[-1]
+        gap = float(logits[plain[j]] - logits[fast[j]])
+        scale = float(logits.norm() / logits.numel() ** 0.5)
+        print(f"\n{name}: greedy ids part at step {j}: plain {plain[j]} vs fast {fast[j]}, gap {gap:.4f} "
+              f"({gap / scale:.4f} of the logits' rms)")
+        assert gap <= 0.02 * scale, f"divergence at step {j} is not a near tie"
+
+
+@requires_fast
+def test_fast_decode_at_16k_context(tmp_path):
+    """A 16,500-token prompt (five prefill chunks), then decode steps at 16K+ context,
+    against the plain path on the same cache."""
+    d = make_gpu_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["0.6B"])
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=16600, verbose=False)
+    prompt = random_prompt(16500, seed=3)
+    fast_first = engine.prefill(prompt)
+    for start in range(0, len(prompt), 2048):  # plain prefill, in chunks to bound memory
+        plain_first = engine.forward(prompt[start:start + 2048], start, last_only=True)[0]
+    assert rel_err(fast_first, plain_first) <= BF16_RTOL
+    token, pos = int(plain_first.argmax()), len(prompt)
+    for _ in range(8):
+        fast = engine.step(token)
+        plain = engine.forward([token], pos)[0]  # rewrites row pos of the cache with its own K/V
+        err = float(rel_err(fast, plain))
+        assert err <= BF16_RTOL, f"position {pos}: relative error {err:.4f}"
+        token, pos = int(plain.argmax()), pos + 1
+
+
+@pytest.fixture(scope="module")
+def tiny_fast(tmp_path_factory):
+    d = make_gpu_checkpoint(tmp_path_factory.mktemp("gpu-small"), **GPU_SHAPES["tiny"])
+    return nanofast.load(str(d), device="cuda", max_seq_len=64, verbose=False)
+
+
+@requires_fast
+def test_fast_stops_at_full_cache(tiny_fast):
+    prompt = random_prompt(40, seed=1)
+    out = list(tiny_fast.generate(prompt, max_new_tokens=100, temperature=0.0))
+    assert tiny_fast.stop_reason == "cache_full" and len(out) == 64 - 40
+    assert out == list(tiny_fast._plain_tokens(prompt, 24, 0.0, 0, 1.0, 0))
+
+
+@requires_fast
+def test_fast_eos_overshoot_is_dropped(tiny_fast):
+    """The GPU runs ahead of the tokens the host has read; what it computed past the stop
+    token is thrown away, and the next generation starts clean."""
+    prompt = random_prompt(8, seed=2)
+    full = list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0))
+    assert len(set(full)) >= 10, "degenerate test model"
+    j = next(i for i in range(5, 50) if full[i] not in full[:i])
+    out = list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0, stop_ids=[full[j]]))
+    assert out == full[:j + 1] and tiny_fast.stop_reason == "eos"
+    assert list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0)) == full
+
+
+@requires_fast
+def test_fast_sampling_in_graph(tiny_fast):
+    """Seeded sampling repeats; new settings need no new capture; top-k 1 and a tiny top-p
+    both reduce to greedy."""
+    graph = tiny_fast.decoder.graph
+    prompt = random_prompt(8, seed=4)
+    run = lambda **kw: list(tiny_fast.generate(prompt, max_new_tokens=40, **kw))  # noqa: E731
+    a = run(temperature=8.0, top_k=50, top_p=0.9, seed=7)  # logits' std is ~20: T 8 spreads them
+    assert a == run(temperature=8.0, top_k=50, top_p=0.9, seed=7)
+    assert a != run(temperature=8.0, top_k=50, top_p=0.9, seed=8)
+    greedy = run(temperature=0.0)
+    assert run(temperature=1.0, top_k=1, seed=3) == greedy
+    assert run(temperature=1.0, top_p=1e-6, seed=3) == greedy
+    assert tiny_fast.decoder.graph is graph
+
+
+@requires_fast
+def test_fast_decode_allocates_nothing(tmp_path):
+    """Around a 1,000-token generation the CUDA allocator's counters do not move."""
+    d = make_gpu_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=1100, verbose=False)
+    tokens = engine.generate(random_prompt(16, seed=6), max_new_tokens=1000, temperature=0.7, top_k=20,
+                             top_p=0.95, seed=1)
+    next(tokens)  # prefill is done and the first token is back
+
+    def counters():
+        torch.cuda.synchronize()
+        s = torch.cuda.memory_stats()
+        return (torch.cuda.memory_allocated(), s["allocation.all.allocated"], s["segment.all.allocated"],
+                s["num_alloc_retries"])
+
+    before = counters()
+    rest = list(tokens)
+    assert len(rest) == 999 and counters() == before
