@@ -479,10 +479,15 @@ def embed(tok, E, h, use_pdl=False):
 # ---------------------------------------------------------------------------
 # N and K are constexpr: each weight shape compiles once, and when the blocks
 # divide the shape evenly (all Qwen3 shapes) the loads carry no masks at all.
-# The K loop is software-pipelined by hand: tile i+1 is loaded before tile i
-# is used, so every thread keeps two tiles of 16-byte loads in flight. The last
-# tile is peeled off so the prefetch never runs past the program's K range.
-# The accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
+# Each program's K range is a "head" of PREFETCH tiles, loaded as one
+# [BLOCK_N, PREFETCH*BLOCK_K] block before the PDL wait (weights never depend
+# on the previous kernel), then a "body" of the remaining tiles. The body loop
+# is software-pipelined by hand: tile i+1 is loaded before tile i is used, so
+# every thread keeps two tiles of 16-byte loads in flight; its first tile is
+# issued right after the wait, before the head is used. The last tile is
+# peeled off so the prefetch never runs past the program's K range. The body
+# accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
+# PREFETCH = 1 is the round-1 kernel; PREFETCH = all tiles leaves no body.
 
 @triton.jit
 def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -534,37 +539,51 @@ def _pow2(n):
 # ---------------------------------------------------------------------------
 
 def gemv_config(N, K, split_k=False, sms=None):
-    """Default {BLOCK_N, BLOCK_K, SPLIT_K, num_warps} for an [N, K] bf16 GEMV.
+    """Default {BLOCK_N, BLOCK_K, SPLIT_K, num_warps, PREFETCH} for an [N, K] bf16 GEMV.
 
-    A GEMV is pure weight streaming. An H100 needs roughly 16-32 KB of loads in
-    flight per SM to saturate HBM, and matrices range from ~4 MB (0.6B o_proj)
-    to ~100 MB (8B gate_up), so:
+    A GEMV is pure weight streaming. An H100/H200 needs roughly 16-32 KB of
+    loads in flight per SM to saturate HBM. Rules (from the round-1 sweeps on
+    an H200, kernels.log):
       * BLOCK_K = 512 at 4 warps: a warp reads 256 contiguous bf16 of a row,
-        each thread 16 bytes at a time.
-      * BLOCK_N = 16 (8 x 16-byte loads per thread per tile, 16 with the
-        prefetched tile) while that still gives >= 3 programs per SM;
-        otherwise 8 or 4 rows per program, to keep every SM busy.
-      * small-N matrices (o_proj, down_proj: N = D) instead split K over
-        programs that atomically add into h, for >= 4 programs per SM.
+        each thread 16 bytes at a time. BLOCK_K = 1024 when K is a multiple of
+        1024 and >= 4096 (8B qkv: 15.4 vs 17.3 us; at smaller K it loses).
+      * BLOCK_N = 8 rows; 4 for huge matrices (lm_head: >= 64 programs per SM
+        either way, and smaller programs balance the tail better: 70.5 vs 82 us).
+      * small-N matrices (o_proj, down_proj: N = D) split K over programs
+        that atomically add into h: BLOCK_N 8, BLOCK_K 256, up to 8 splits
+        (the measured best for every Qwen3 size).
+      * PREFETCH: how many weight tiles a program loads before its PDL wait.
+        Weights never depend on the previous kernel, so the whole slice of a
+        small program (o_proj/down: 1-6 tiles of 4 KB) can be in flight
+        before the previous kernel ends. Capped so the prefetched block
+        holds <= 64 weight elements per thread (see the spill note below).
     Keep BLOCK_N * BLOCK_K / (32 * num_warps) <= 64 weight elements per thread
     (<= 32 for rmsnorm_gemv_silu, which holds two tiles): beyond that the
     tile, its prefetch and the fp32 accumulator spill registers on sm_90.
     """
     sms = sms or num_sms()
-    BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
     num_warps = 4
     if split_k:
-        BLOCK_N = 8
-        row_blocks = triton.cdiv(N, BLOCK_N)
-        SPLIT_K = max(1, min(triton.cdiv(K, BLOCK_K), triton.cdiv(4 * sms, row_blocks)))
+        BLOCK_N, BLOCK_K = 8, min(256, max(64, triton.next_power_of_2(K)))
+        SPLIT_K = max(1, min(8, triton.cdiv(K, BLOCK_K)))
+        tiles = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K)        # tiles per program
     else:
         SPLIT_K = 1
-        BLOCK_N = 4
-        for bn in (16, 8):
-            if triton.cdiv(N, bn) >= 3 * sms:
-                BLOCK_N = bn
-                break
-    return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, num_warps=num_warps)
+        BLOCK_K = 1024 if K >= 4096 and K % 1024 == 0 else min(512, max(64, triton.next_power_of_2(K)))
+        BLOCK_N = 4 if triton.cdiv(N, 8) >= 64 * sms else 8
+        tiles = triton.cdiv(K, BLOCK_K)
+    PREFETCH = _prefetch(None, tiles, BLOCK_N * BLOCK_K, num_warps)
+    return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, num_warps=num_warps, PREFETCH=PREFETCH)
+
+
+def _prefetch(prefetch, tiles, per_tile_elems, num_warps, budget=64):
+    """Tiles loaded before the PDL wait: the caller's choice, else as many as fit
+    in `budget` weight elements per thread; never more than the program has, and
+    a power of two (the head is one tl.arange of PREFETCH * BLOCK_K columns)."""
+    if prefetch is None:
+        prefetch = budget // max(1, per_tile_elems // (32 * num_warps))
+    p = max(1, min(tiles, prefetch))
+    return 1 << (p.bit_length() - 1)
 
 
 def _cfg(N, K, split_k, BLOCK_N, BLOCK_K, SPLIT_K, num_warps):
@@ -583,37 +602,52 @@ def _cfg(N, K, split_k, BLOCK_N, BLOCK_K, SPLIT_K, num_warps):
 @triton.jit
 def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
                          N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                         PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N]
-    cols = tl.arange(0, BLOCK_K)                                       # [BLOCK_K]
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # [BLOCK_N, BLOCK_K]
-    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
-    # weights never depend on the previous kernel: start streaming before the wait
-    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
+    row_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K                  # [BLOCK_N, 1]
+    HEAD: tl.constexpr = PREFETCH * BLOCK_K                            # columns loaded before the wait
+    KP: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K          # K rounded up to whole tiles
+    hc = tl.arange(0, HEAD)
+    w_head = _load_w(row_ptrs + hc[None, :], rows, hc, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, LAST, BLOCK_K):
-        w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
-        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    cols = tl.arange(0, BLOCK_K)
+    if HEAD < KP:  # start the body's stream before using the head
+        w = _load_w(row_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, N, K, EVEN_N, EVEN_K)
+    hxn, hx2 = _load_xn(x_ptr, nw_ptr, hc, BLOCK_N, HEAD, K, EVEN_K)  # (own names: the loop's differ in shape)
+    y = tl.sum(w_head.to(tl.float32) * hxn, axis=1)                    # [BLOCK_N]
+    ss = tl.sum(hx2, axis=0)
+    if HEAD < KP:
+        LAST: tl.constexpr = KP - BLOCK_K                              # start of the last tile
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        ssb = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(HEAD, LAST, BLOCK_K):
+            nk = k0 + BLOCK_K + cols
+            w_next = _load_w(row_ptrs + nk[None, :], rows, nk, N, K, EVEN_N, EVEN_K)
+            xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+            acc += w.to(tl.float32) * xn
+            ssb += x2
+            w = w_next
+        xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
         acc += w.to(tl.float32) * xn
-        ss += x2
-        w = w_next
-    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc += w.to(tl.float32) * xn
-    ss += x2
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    y = tl.sum(acc, axis=1) * rstd                                     # [BLOCK_N]
+        ssb += x2
+        y += tl.sum(acc, axis=1)
+        ss += tl.sum(ssb, axis=0)
+    rstd = tl.rsqrt(ss / K + eps)
+    y = y * rstd
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None, use_pdl=False):
-    """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits)"""
+def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None, use_pdl=False,
+                 prefetch=None):
+    """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits).
+    prefetch: weight tiles loaded before the PDL wait (None = gemv_config's rule)."""
     _check_pdl(use_pdl)
     N, K = W.shape
     BLOCK_N, BLOCK_K, _, num_warps = _cfg(N, K, False, BLOCK_N, BLOCK_K, 1, num_warps)
+    P = _prefetch(prefetch, triton.cdiv(K, BLOCK_K), BLOCK_N * BLOCK_K, num_warps)
     _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=P,
         EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=num_warps)
 
@@ -625,55 +659,73 @@ def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=N
 @triton.jit
 def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
                               I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                              USE_PDL: tl.constexpr):
+                              BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr,
+                              EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N], in 0..I-1
-    cols = tl.arange(0, BLOCK_K)
-    g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # gate rows
+    g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K                    # gate rows, [BLOCK_N, 1]
     u_ptrs = g_ptrs + I * K                                            # up rows sit I rows below
-    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K
-    wg = _load_w(g_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
-    wu = _load_w(u_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
+    HEAD: tl.constexpr = PREFETCH * BLOCK_K
+    KP: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+    hc = tl.arange(0, HEAD)
+    wg_head = _load_w(g_ptrs + hc[None, :], rows, hc, I, K, EVEN_N, EVEN_K)
+    wu_head = _load_w(u_ptrs + hc[None, :], rows, hc, I, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, LAST, BLOCK_K):
-        nk = k0 + BLOCK_K + cols
-        wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
-        wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
-        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    cols = tl.arange(0, BLOCK_K)
+    if HEAD < KP:
+        wg = _load_w(g_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, I, K, EVEN_N, EVEN_K)
+        wu = _load_w(u_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, I, K, EVEN_N, EVEN_K)
+    hxn, hx2 = _load_xn(x_ptr, nw_ptr, hc, BLOCK_N, HEAD, K, EVEN_K)
+    gate = tl.sum(wg_head.to(tl.float32) * hxn, axis=1)
+    up = tl.sum(wu_head.to(tl.float32) * hxn, axis=1)
+    ss = tl.sum(hx2, axis=0)
+    if HEAD < KP:
+        LAST: tl.constexpr = KP - BLOCK_K
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        ssb = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(HEAD, LAST, BLOCK_K):
+            nk = k0 + BLOCK_K + cols
+            wg_next = _load_w(g_ptrs + nk[None, :], rows, nk, I, K, EVEN_N, EVEN_K)
+            wu_next = _load_w(u_ptrs + nk[None, :], rows, nk, I, K, EVEN_N, EVEN_K)
+            xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+            acc_g += wg.to(tl.float32) * xn
+            acc_u += wu.to(tl.float32) * xn
+            ssb += x2
+            wg = wg_next
+            wu = wu_next
+        xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
         acc_g += wg.to(tl.float32) * xn
         acc_u += wu.to(tl.float32) * xn
-        ss += x2
-        wg = wg_next
-        wu = wu_next
-    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc_g += wg.to(tl.float32) * xn
-    acc_u += wu.to(tl.float32) * xn
-    ss += x2
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    gate = tl.sum(acc_g, axis=1) * rstd
-    up = tl.sum(acc_u, axis=1) * rstd
+        ssb += x2
+        gate += tl.sum(acc_g, axis=1)
+        up += tl.sum(acc_u, axis=1)
+        ss += tl.sum(ssb, axis=0)
+    rstd = tl.rsqrt(ss / K + eps)
+    gate = gate * rstd
+    up = up * rstd
     y = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
 
 
 def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None,
-                      use_pdl=False):
+                      use_pdl=False, prefetch=None):
     """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up), out [I] (bf16/fp16).
     BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows; the
-    default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
+    default is the config of the whole [2I, K] matrix with BLOCK_N outputs, i.e.
+    16 weight rows (measured best for 0.6B/1.7B/8B gate_up, 4B prefers 8 rows by
+    4%), and BLOCK_K <= 512 (two tiles are live). prefetch counts tiles per matrix."""
     _check_pdl(use_pdl)
     N2, K = W_gu.shape
     I = N2 // 2
     c = gemv_config(N2, K)
-    BLOCK_N = BLOCK_N or max(1, c["BLOCK_N"] // 2)
-    BLOCK_K = BLOCK_K or c["BLOCK_K"]
+    BLOCK_N = BLOCK_N or c["BLOCK_N"]
+    BLOCK_K = BLOCK_K or min(512, c["BLOCK_K"])
     num_warps = num_warps or c["num_warps"]
     assert _pow2(BLOCK_N) and _pow2(BLOCK_K)
+    # gate and up heads are both live: half the per-thread budget each
+    P = _prefetch(prefetch, triton.cdiv(K, BLOCK_K), BLOCK_N * BLOCK_K, num_warps, budget=32)
     _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
-        x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=P,
         EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=num_warps)
 
@@ -690,21 +742,29 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, num
 def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
                      N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                     PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_begin = tl.program_id(1) * KS
-    cols = k_begin + tl.arange(0, BLOCK_K)                             # [BLOCK_K] columns of tile 0
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
+    k_begin = tl.program_id(1) * KS                                    # this program: [k_begin, k_begin + KS)
+    row_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K                  # [BLOCK_N, 1]
+    HEAD: tl.constexpr = PREFETCH * BLOCK_K
+    hc = k_begin + tl.arange(0, HEAD)
+    w_head = _load_w(row_ptrs + hc[None, :], rows, hc, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, KS - BLOCK_K, BLOCK_K):
-        w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, cols + (k0 + BLOCK_K), N, K, EVEN_N, EVEN_K)
-        acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
-        w = w_next
-    LAST: tl.constexpr = KS - BLOCK_K
-    acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
-    y = tl.sum(acc, axis=1)                                            # [BLOCK_N]
+    cols = k_begin + tl.arange(0, BLOCK_K)
+    if HEAD < KS:
+        w = _load_w(row_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, N, K, EVEN_N, EVEN_K)
+    y = tl.sum(w_head.to(tl.float32) * _load_bcast(a_ptr, hc, BLOCK_N, HEAD, K, EVEN_K), axis=1)
+    if HEAD < KS:
+        LAST: tl.constexpr = KS - BLOCK_K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(HEAD, LAST, BLOCK_K):
+            nk = cols + (k0 + BLOCK_K)
+            w_next = _load_w(row_ptrs + nk[None, :], rows, nk, N, K, EVEN_N, EVEN_K)
+            acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
+            w = w_next
+        acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
+        y += tl.sum(acc, axis=1)                                       # [BLOCK_N]
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
         tl.store(h_ptr + rows, h + y, mask=rows < N)
@@ -712,15 +772,18 @@ def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
         tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
 
 
-def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, use_pdl=False):
-    """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a"""
+def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, use_pdl=False,
+             prefetch=None):
+    """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a.
+    prefetch: weight tiles loaded before the PDL wait (None = gemv_config's rule)."""
     _check_pdl(use_pdl)
     N, K = W.shape
     BLOCK_N, BLOCK_K, SPLIT_K, num_warps = _cfg(N, K, True, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)
     KS = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
+    P = _prefetch(prefetch, KS // BLOCK_K, BLOCK_N * BLOCK_K, num_warps)
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
-        a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
+        a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split, PREFETCH=P,
         EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=num_warps)
 
@@ -782,47 +845,118 @@ def qk_norm_rope_append(qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, 
 
 
 # ---------------------------------------------------------------------------
-# 6. split-KV decode attention (flash-decoding) with in-kernel combine
+# 6. split-KV decode attention (flash-decoding) with in-kernel combine,
+#    optionally fused with q/k RMSNorm + RoPE + KV-cache append
 # ---------------------------------------------------------------------------
 # grid = (Hkv, NSPLIT). Program (h, s) handles all G = Hq/Hkv query heads of kv
-# head h (so K/V are read once) over rows [s*chunk, (s+1)*chunk) of 0..L-1,
-# chunk = cdiv(L, NSPLIT) rounded up to BLOCK_S. The G query rows are padded
-# to BLOCK_G >= 16 so both products can use tl.dot (tensor cores; the padding
-# is free since this kernel is bandwidth bound).
+# head h (so K/V are read once) over rows [s*chunk, (s+1)*chunk) of 0..L-1.
+# The G query rows are padded to BLOCK_G >= 16 so both products can use tl.dot
+# (tensor cores; the padding is free since this kernel is bandwidth bound).
 #
-# Combine in the same launch: each program writes its partial (m, l, acc) to
-# scratch and bumps counter[h]; the program that arrives last merges them.
-# Memory ordering: every thread's partial stores precede the CTA barrier
-# (debug_barrier = bar.sync); the counter atomic then runs in one thread with
-# acq_rel at gpu scope. Release is cumulative in the PTX memory model, so all
-# stores ordered before it by the barrier become visible to whichever program
-# later acquires the counter (this is the pattern cooperative-groups grid sync
-# uses: __syncthreads, then one thread's fence + atomic). The last program's
-# acquire is broadcast to its other threads through Triton's shared-memory
-# barrier for scalar atomics; its scratch loads use .cg (L2) so no stale L1
-# line can be read. It resets counter[h] to 0 for the next graph replay; the
-# kernel boundary orders that store before any later launch.
+# Split rule: chunk = max(MIN_CHUNK, cdiv(L, NSPLIT) rounded up to BLOCK_S),
+# and only the first n_active = cdiv(L, chunk) programs have rows. The others
+# exit right after the PDL wait. MIN_CHUNK exists because a split has a fixed
+# cost: its partial goes to scratch, a gpu-scope atomic, then the last program
+# reads it back, several dependent L2 round trips (~1-2 us in all). One SM
+# streams one kv head's K+V (512 B per row at hd=128) at roughly 100 GB/s, so
+# 256 rows (128 KB) take about as long as that round trip: splitting chunks
+# smaller than that costs more than it saves. With MIN_CHUNK = 256 a context
+# of <= 256 tokens runs one program per kv head, which normalizes and writes
+# the output itself (no scratch, no atomic); 0.6B at L=400 uses 2 splits, and
+# from L = 256*NSPLIT up all NSPLIT programs work, as before.
+#
+# Combine in the same launch (n_active > 1): each active program writes its
+# partial (m, l, acc) to scratch and bumps counter[h]; the program that arrives
+# last (the n_active-th) merges the n_active partials. Memory ordering: every
+# thread's partial stores precede the CTA barrier (debug_barrier = bar.sync);
+# the counter atomic then runs in one thread with acq_rel at gpu scope.
+# Release is cumulative in the PTX memory model, so all stores ordered before
+# it by the barrier become visible to whichever program later acquires the
+# counter (this is the pattern cooperative-groups grid sync uses:
+# __syncthreads, then one thread's fence + atomic). The last program's acquire
+# is broadcast to its other threads through Triton's shared-memory barrier for
+# scalar atomics; its scratch loads use .cg (L2) so no stale L1 line can be
+# read. It resets counter[h] to 0 for the next graph replay; the kernel
+# boundary orders that store before any later launch.
+#
+# FUSED: q is computed here from the qkv GEMV's output (RMSNorm with q_norm_w,
+# then RoPE at pos) instead of being read from a q buffer, and the program
+# whose rows include pos (the last active split) also writes the new token's
+# normed, rotated k and its v into cache row pos. It then runs a CTA barrier
+# (bar.sync makes a CTA's global stores visible to all its threads) before its
+# loop reads that row back. No other program reads row pos, and the next
+# token's kernel is ordered after this one, so nothing else can race.
+#
+# PDL: the kernel waits at the top but lets the next kernel launch only after
+# its main loop. Round 1 triggered right after the wait, and at L=32K it ran
+# 47 us with PDL vs 37 without: with 70 KB of shared memory per program
+# (BLOCK_S=64, 3 stages) an SM fits 3 programs, and the next kernel's programs
+# (waiting in griddepcontrol.wait, holding shared memory and warp slots)
+# fill whichever slots free first. For back-to-back attention that leaves
+# some SMs with 3 programs of the next launch and others with 1, and a kernel
+# whose programs all stream equal chunks is as slow as its most loaded SM.
+# Triggering after the loop keeps the next kernel off the SMs until all of
+# this kernel's streaming is done, while still overlapping its launch with
+# the combine and the tail.
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,
-                        m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale,
+def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl.constexpr):
+    """RMSNorm(x) * w, then RoPE at pos, for heads x[rows[i]*HD : (rows[i]+1)*HD].
+    rows [R, 1], d [1, HD]; returns fp32 [R, HD].
+    RoPE (rotate_half form) pairs element d with d +/- HD/2:
+        y[d] = x[d] * cos[d % HD/2] - x[d + HD/2] * sin[..]   for d <  HD/2
+        y[d] = x[d] * cos[d % HD/2] + x[d - HD/2] * sin[..]   for d >= HD/2
+    so besides x we load its partner vector (the two halves swapped)."""
+    HALF: tl.constexpr = HD // 2
+    pair = (d + HALF) % HD                                             # partner index of d
+    x = tl.load(x_ptr + rows * HD + d, mask=row_ok, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + rows * HD + pair, mask=row_ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]        # per head
+    x = x * rstd * tl.load(w_ptr + d).to(tl.float32)
+    xp = xp * rstd * tl.load(w_ptr + pair).to(tl.float32)
+    c = tl.load(cos_ptr + pos * HALF + d % HALF)
+    s = tl.load(sin_ptr + pos * HALF + d % HALF)
+    return x * c + tl.where(d < HALF, -xp, xp) * s
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+                        k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale, eps,
                         stride_kt, stride_kh, stride_vt, stride_vh,
-                        G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, COMB: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        G: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
+                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                        COMB: tl.constexpr, FUSED: tl.constexpr, USE_PDL: tl.constexpr):
+    # q_ptr: q [Hq, HD], or with FUSED the qkv vector [(Hq + 2 Hkv) * HD]
     h = tl.program_id(0)
     split = tl.program_id(1)
-    _pdl_wait(USE_PDL)
-    L = tl.load(pos_ptr) + 1
-    chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()   # every program waits (see the module docstring)
+    pos = tl.load(pos_ptr)
+    L = pos + 1
+    chunk = tl.maximum(MIN_CHUNK, tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S)
+    n_active = tl.cdiv(L, chunk)
+    if split >= n_active:
+        return                     # no rows for this split (exiting also counts as the PDL trigger)
     start = split * chunk
-    end = tl.minimum(start + chunk, L)   # start >= end: empty partial
+    end = tl.minimum(start + chunk, L)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HD)
     qh = h * G + g                                                   # [BLOCK_G] query heads
     g_ok = g < G
-    q = tl.load(q_ptr + qh[:, None] * HD + d[None, :], mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HD]
+    if FUSED:
+        HQ: tl.constexpr = G * HKV
+        q = _norm_rope(q_ptr, qh[:, None], d[None, :], qw_ptr, cos_ptr, sin_ptr, pos, eps,
+                       g_ok[:, None], HD).to(k_ptr.dtype.element_ty)  # rounded like a stored q
+        if split == n_active - 1:  # our rows include pos: append the new token's k and v
+            k_new = _norm_rope(q_ptr, tl.full([1, 1], HQ, tl.int32) + h, d[None, :], kw_ptr, cos_ptr,
+                               sin_ptr, pos, eps, d[None, :] < HD, HD)  # [1, HD]
+            v_new = tl.load(q_ptr + (HQ + HKV + h) * HD + d)
+            tl.store(k_ptr + pos * stride_kt + h * stride_kh + d[None, :], k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + pos * stride_vt + h * stride_vh + d, v_new.to(v_ptr.dtype.element_ty))
+            tl.debug_barrier()     # all our threads now see row pos in the cache
+    else:
+        q = tl.load(q_ptr + qh[:, None] * HD + d[None, :], mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HD]
 
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)   # running max (log2 domain)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)                  # running sum of exp2
@@ -842,37 +976,44 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()   # after the streaming, not before (see above)
 
-    # partial -> scratch: m, l [Hq, NSPLIT], acc [Hq, NSPLIT, HD]
-    row = qh * NSPLIT + split
-    tl.store(m_ptr + row, m, mask=g_ok)
-    tl.store(l_ptr + row, l, mask=g_ok)
-    tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=g_ok[:, None])
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel")
-    if arrived == NSPLIT - 1:
-        sp = tl.arange(0, COMB)
-        for gi in tl.static_range(G):
-            base = (h * G + gi) * NSPLIT
-            m_max = float("-inf")
-            for s0 in tl.static_range(0, NSPLIT, COMB):
-                ms = tl.load(m_ptr + base + s0 + sp, mask=s0 + sp < NSPLIT, other=float("-inf"),
-                             cache_modifier=".cg")
-                m_max = tl.maximum(m_max, tl.max(ms, axis=0))
-            den = tl.zeros([COMB], dtype=tl.float32)
-            o = tl.zeros([COMB, HD], dtype=tl.float32)
-            for s0 in tl.static_range(0, NSPLIT, COMB):
-                ok = s0 + sp < NSPLIT
-                ms = tl.load(m_ptr + base + s0 + sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(l_ptr + base + s0 + sp, mask=ok, other=0.0, cache_modifier=".cg")
-                a = tl.load(acc_ptr + (base + s0 + sp)[:, None] * HD + d[None, :], mask=ok[:, None],
-                            other=0.0, cache_modifier=".cg")
-                w = tl.exp2(ms - m_max)   # empty partials: exp2(-inf) = 0
-                den += w * ls
-                o += w[:, None] * a
-            res = tl.sum(o, axis=0) / tl.sum(den, axis=0)
-            tl.store(out_ptr + (h * G + gi) * HD + d, res.to(out_ptr.dtype.element_ty))
-        tl.store(cnt_ptr + h, 0)
+    if n_active == 1:  # the only split: finish here, no scratch, no atomic
+        res = acc / l[:, None]
+        tl.store(out_ptr + qh[:, None] * HD + d[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None])
+    else:
+        # partial -> scratch: m, l [Hq, NSPLIT], acc [Hq, NSPLIT, HD]
+        row = qh * NSPLIT + split
+        tl.store(m_ptr + row, m, mask=g_ok)
+        tl.store(l_ptr + row, l, mask=g_ok)
+        tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=g_ok[:, None])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel")
+        if arrived == n_active - 1:  # last to arrive: merge the n_active partials
+            sp = tl.arange(0, COMB)
+            for gi in tl.static_range(G):
+                base = (h * G + gi) * NSPLIT
+                m_max = float("-inf")
+                for s0 in tl.static_range(0, NSPLIT, COMB):  # masked past n_active: no loads
+                    ms = tl.load(m_ptr + base + s0 + sp, mask=s0 + sp < n_active, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    m_max = tl.maximum(m_max, tl.max(ms, axis=0))
+                den = tl.zeros([COMB], dtype=tl.float32)
+                o = tl.zeros([COMB, HD], dtype=tl.float32)
+                for s0 in tl.static_range(0, NSPLIT, COMB):
+                    ok = s0 + sp < n_active
+                    ms = tl.load(m_ptr + base + s0 + sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(l_ptr + base + s0 + sp, mask=ok, other=0.0, cache_modifier=".cg")
+                    a = tl.load(acc_ptr + (base + s0 + sp)[:, None] * HD + d[None, :], mask=ok[:, None],
+                                other=0.0, cache_modifier=".cg")
+                    w = tl.exp2(ms - m_max)   # masked slots: exp2(-inf) = 0
+                    den += w * ls
+                    o += w[:, None] * a
+                res = tl.sum(o, axis=0) / tl.sum(den, axis=0)
+                tl.store(out_ptr + (h * G + gi) * HD + d, res.to(out_ptr.dtype.element_ty))
+            tl.store(cnt_ptr + h, 0)
 
 
 def attention_nsplit(Hkv, sms=None):
@@ -889,25 +1030,49 @@ def make_attention_scratch(Hq, Hkv, hd, nsplit, device):
             torch.empty(Hq, nsplit, hd, **f32), torch.zeros(Hkv, dtype=torch.int32, device=device))
 
 
-def decode_attention(q, k_cache, v_cache, pos, out, scratch, scale, BLOCK_S=64, num_warps=4,
-                     num_stages=3, use_pdl=False):
-    """q [Hq, hd], k_cache/v_cache [S, Hkv, hd], pos int32[1] (attends rows 0..pos),
-    out [Hq*hd], scratch from make_attention_scratch (its shape fixes NSPLIT).
-    num_stages=3 keeps two K/V tiles in flight (cp.async) while one is used."""
+def _launch_attention(qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps, Hq, hd,
+                      fused, BLOCK_S, num_warps, num_stages, use_pdl, min_chunk):
     _check_pdl(use_pdl)
-    Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     m_s, l_s, acc_s, cnt = scratch
     nsplit = m_s.shape[1]
-    assert q.is_contiguous() and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    assert Hq % Hkv == 0 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
     assert m_s.shape == (Hq, nsplit) and acc_s.shape == (Hq, nsplit, hd) and cnt.numel() >= Hkv
+    assert min_chunk % BLOCK_S == 0, "split boundaries must fall on tile boundaries"
     _decode_attn_kernel[(Hkv, nsplit)](
-        q, k_cache, v_cache, pos, out, m_s, l_s, acc_s, cnt, scale * LOG2E,
+        qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, m_s, l_s, acc_s, cnt, scale * LOG2E, eps,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, NSPLIT=nsplit,
-        COMB=min(32, triton.next_power_of_2(nsplit)), USE_PDL=use_pdl, launch_pdl=use_pdl,
-        num_warps=num_warps, num_stages=num_stages)
+        G=G, HKV=Hkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, NSPLIT=nsplit,
+        MIN_CHUNK=min_chunk, COMB=min(32, triton.next_power_of_2(nsplit)), FUSED=fused,
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=num_warps, num_stages=num_stages)
+
+
+def decode_attention(q, k_cache, v_cache, pos, out, scratch, scale, BLOCK_S=64, num_warps=4,
+                     num_stages=3, use_pdl=False, min_chunk=256):
+    """q [Hq, hd], k_cache/v_cache [S, Hkv, hd], pos int32[1] (attends rows 0..pos),
+    out [Hq*hd], scratch from make_attention_scratch (its shape fixes NSPLIT).
+    num_stages=3 keeps two K/V tiles in flight (cp.async) while one is used.
+    min_chunk: fewest rows per split (a multiple of BLOCK_S; see the notes above)."""
+    Hq, hd = q.shape
+    assert q.is_contiguous()
+    _launch_attention(q, q, q, q, q, pos, k_cache, v_cache, out, scratch, scale, 0.0, Hq, hd, False,
+                      BLOCK_S, num_warps, num_stages, use_pdl, min_chunk)
+
+
+def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch,
+                           scale, eps, BLOCK_S=64, num_warps=4, num_stages=3, use_pdl=False,
+                           min_chunk=256):
+    """qk_norm_rope_append + decode_attention in one launch.
+    qkv [(Hq+2Hkv)*hd] (the qkv GEMV's output), q/k_norm_w [hd], cos/sin fp32
+    [max_pos, hd/2], pos int32[1]; writes k/v cache row pos, then attends rows
+    0..pos; out [Hq*hd]. Hq is taken from out. Other arguments as decode_attention."""
+    Hkv, hd = k_cache.shape[1], k_cache.shape[2]
+    Hq = out.numel() // hd
+    assert qkv.is_contiguous() and qkv.numel() == (Hq + 2 * Hkv) * hd
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd // 2
+    _launch_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps,
+                      Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, min_chunk)
 
 
 # --- the sampler, inside the graph
@@ -1413,7 +1578,6 @@ class FastDecoder:
         # --- the decode step's buffers
         self.h = torch.empty(D, dtype=torch.float32, device=dev)  # residual stream, fp32
         self.qkv = torch.empty((Hq + 2 * Hkv) * hd, dtype=dt, device=dev)  # fused q/k/v projection
-        self.q = torch.empty(Hq, hd, dtype=dt, device=dev)  # normed, rotated query
         self.attn = torch.empty(Hq * hd, dtype=dt, device=dev)  # attention output, o_proj's input
         self.act = torch.empty(I, dtype=dt, device=dev)  # silu(gate) * up, down_proj's input
         self.logits = torch.empty(V, dtype=torch.float32, device=dev)  # lm_head output
@@ -1445,9 +1609,8 @@ class FastDecoder:
         for i, L in enumerate(w.layers):
             k_cache, v_cache = e.cache.flat(i)
             rmsnorm_gemv(self.h, L.attn_norm, L.qkv, self.qkv, eps, use_pdl=pdl)
-            qk_norm_rope_append(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, self.q, k_cache, v_cache, eps,
-                                use_pdl=pdl)
-            decode_attention(self.q, k_cache, v_cache, s.pos, self.attn, self.attn_scratch, scale, use_pdl=pdl)
+            attention_decode_fused(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, k_cache, v_cache, self.attn,
+                                   self.attn_scratch, scale, eps, use_pdl=pdl)
             gemv_add(self.attn, L.o, self.h, use_pdl=pdl)
             rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, use_pdl=pdl)
             gemv_add(self.act, L.down, self.h, use_pdl=pdl)

@@ -1357,10 +1357,53 @@ def test_kernel_decode_attention(kseed, G, nsplit, BLOCK_S, S, dtype, positions)
         out = poisoned(Hq * hd, dtype=dtype)
         for t in scratch[:3]:
             t.fill_(NAN)  # every partial the combine reads must have been written
-        nanofast.decode_attention(q, k_cache, v_cache, i32(p), out, scratch, hd ** -0.5, BLOCK_S=BLOCK_S)
+        # min_chunk = BLOCK_S lets short sequences split (the default keeps L <= 256 in one program)
+        nanofast.decode_attention(q, k_cache, v_cache, i32(p), out, scratch, hd ** -0.5, BLOCK_S=BLOCK_S,
+                                  min_chunk=BLOCK_S)
         ref = nanofast.plain_attention(q[None].float(), k_cache[:p + 1].float(), v_cache[:p + 1].float(), p)
         assert_kernel_close(out, ref, dtype, f"L={p + 1}")
         assert not scratch[3].any(), "combine counter not reset"
+
+
+@requires_triton
+@pytest.mark.parametrize("G,nsplit,min_chunk,dtype", [
+    (2, 3, 16, KDT),  # 1, 2 and 3 active splits as the sequence grows
+    (1, 1, 256, KDT),  # the default chunk: one program per kv head writes the output itself
+    (4, 5, 16, torch.bfloat16),
+], ids=["gqa2-3splits", "gqa1-single", "gqa4-5splits-bf16"])
+def test_kernel_attention_decode_fused(kseed, G, nsplit, min_chunk, dtype):
+    """q/k norm + RoPE + KV append + attention in one launch, token after token, against
+    forward()'s plain code: the new row must be written and used, later rows untouched."""
+    Hkv, hd, eps, S = 2, KHD, 1e-6, 72
+    Hq = G * Hkv
+    cfg = _tiny_config(Hq, Hkv, hd)
+    cos, sin = nanofast.rope_tables(cfg, S, KDEV)
+    q_norm, k_norm = [(1 + 0.1 * torch.randn(hd)).to(dtype).to(KDEV) for _ in range(2)]
+    cache = nanofast.KVCache(cfg, max_seq_len=S, page_size=8, dtype=dtype, device=KDEV)
+    cache.data.fill_(NAN)  # a row read before it is written fails
+    k_cache, v_cache = cache.flat(0)
+    k_ref, v_ref = torch.zeros(S, Hkv, hd), torch.zeros(S, Hkv, hd)
+    scratch = nanofast.make_attention_scratch(Hq, Hkv, hd, nsplit, KDEV)
+    for p in [*range(0, 40), 47, 48, 63, 64, 65]:
+        if p > 0 and torch.isnan(k_cache[p - 1]).any():  # skipped positions: fill in reference rows
+            k_cache[:p].copy_(k_ref[:p].to(dtype))
+            v_cache[:p].copy_(v_ref[:p].to(dtype))
+        qkv = krandn((Hq + 2 * Hkv) * hd, std=2.0, dtype=dtype)
+        out = poisoned(Hq * hd, dtype=dtype)
+        nanofast.attention_decode_fused(qkv, q_norm, k_norm, cos, sin, i32(p), k_cache, v_cache, out, scratch,
+                                        hd ** -0.5, eps, BLOCK_S=16, min_chunk=min_chunk)
+        q, k, v = qkv.float().cpu().split([Hq * hd, Hkv * hd, Hkv * hd])
+        c, s_ = cos[p:p + 1].cpu(), sin[p:p + 1].cpu()
+        q = nanofast.apply_rope(nanofast.rms_norm(q.view(1, Hq, hd), q_norm.float().cpu(), eps), c, s_)
+        k_ref[p] = nanofast.apply_rope(nanofast.rms_norm(k.view(1, Hkv, hd), k_norm.float().cpu(), eps), c, s_)[0]
+        v_ref[p] = v.view(Hkv, hd)
+        assert_kernel_close(k_cache[p], k_ref[p], dtype, f"k row {p}")
+        assert_kernel_close(v_cache[p], v_ref[p], dtype, f"v row {p}")
+        kk, vv = k_cache[:p + 1].float().cpu(), v_cache[:p + 1].float().cpu()
+        ref = nanofast.plain_attention(q.to(dtype).float(), kk, vv, p)
+        assert_kernel_close(out, ref, dtype, f"L={p + 1}")
+        assert not scratch[3].any(), "combine counter not reset"
+        assert k_cache[p + 1:].isnan().all(), "rows past pos were written"
 
 
 # the sampler: small vocabularies, several programs per grid (block < V, ragged last block)
@@ -1535,7 +1578,7 @@ def test_fast_decoder_run_step(tmp_path, monkeypatch):
     engine.cache.data.fill_(NAN)  # rows not yet written must never be read
     tokens = torch.randint(0, V, (steps,), generator=torch.Generator().manual_seed(1)).tolist()
     for pos, tok in enumerate(tokens):
-        for buf in (decoder.h, decoder.qkv, decoder.q, decoder.attn, decoder.act, decoder.logits):
+        for buf in (decoder.h, decoder.qkv, decoder.attn, decoder.act, decoder.logits):
             buf.fill_(NAN)
         decoder.s.tok.fill_(tok)
         decoder.s.pos.fill_(pos)
