@@ -479,15 +479,10 @@ def embed(tok, E, h, use_pdl=False):
 # ---------------------------------------------------------------------------
 # N and K are constexpr: each weight shape compiles once, and when the blocks
 # divide the shape evenly (all Qwen3 shapes) the loads carry no masks at all.
-# Each program's K range is a "head" of PREFETCH tiles, loaded as one
-# [BLOCK_N, PREFETCH*BLOCK_K] block before the PDL wait (weights never depend
-# on the previous kernel), then a "body" of the remaining tiles. The body loop
-# is software-pipelined by hand: tile i+1 is loaded before tile i is used, so
-# every thread keeps two tiles of 16-byte loads in flight; its first tile is
-# issued right after the wait, before the head is used. The last tile is
-# peeled off so the prefetch never runs past the program's K range. The body
-# accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
-# PREFETCH = 1 is the round-1 kernel; PREFETCH = all tiles leaves no body.
+# The K loop is software-pipelined by hand: tile i+1 is loaded before tile i
+# is used, so every thread keeps two tiles of 16-byte loads in flight. The last
+# tile is peeled off so the prefetch never runs past the program's K range.
+# The accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
 
 @triton.jit
 def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -539,51 +534,33 @@ def _pow2(n):
 # ---------------------------------------------------------------------------
 
 def gemv_config(N, K, split_k=False, sms=None):
-    """Default {BLOCK_N, BLOCK_K, SPLIT_K, num_warps, PREFETCH} for an [N, K] bf16 GEMV.
+    """Default {BLOCK_N, BLOCK_K, SPLIT_K, num_warps} for an [N, K] bf16 GEMV.
 
-    A GEMV is pure weight streaming. An H100/H200 needs roughly 16-32 KB of
-    loads in flight per SM to saturate HBM. Rules (from the round-1 sweeps on
-    an H200, kernels.log):
+    A GEMV is pure weight streaming. An H100 needs roughly 16-32 KB of loads in
+    flight per SM to saturate HBM, and matrices range from ~4 MB (0.6B o_proj)
+    to ~100 MB (8B gate_up), so:
       * BLOCK_K = 512 at 4 warps: a warp reads 256 contiguous bf16 of a row,
-        each thread 16 bytes at a time. BLOCK_K = 1024 when K is a multiple of
-        1024 and >= 4096 (8B qkv: 15.4 vs 17.3 us; at smaller K it loses).
-      * BLOCK_N = 8 rows; 4 for huge matrices (lm_head: >= 64 programs per SM
-        either way, and smaller programs balance the tail better: 70.5 vs 82 us).
-      * small-N matrices (o_proj, down_proj: N = D) split K over programs
-        that atomically add into h: BLOCK_N 8, BLOCK_K 256, up to 8 splits
-        (the measured best for every Qwen3 size).
-      * PREFETCH: how many weight tiles a program loads before its PDL wait.
-        Weights never depend on the previous kernel, so the whole slice of a
-        small program (o_proj/down: 1-6 tiles of 4 KB) can be in flight
-        before the previous kernel ends. Capped so the prefetched block
-        holds <= 64 weight elements per thread (see the spill note below).
+        each thread 16 bytes at a time.
+      * BLOCK_N = 16 (8 x 16-byte loads per thread per tile, 16 with the
+        prefetched tile) while that still gives >= 3 programs per SM;
+        otherwise 8 or 4 rows per program, to keep every SM busy.
+      * small-N matrices (o_proj, down_proj: N = D) instead split K over
+        programs that atomically add into h, for >= 4 programs per SM.
     Keep BLOCK_N * BLOCK_K / (32 * num_warps) <= 64 weight elements per thread
     (<= 32 for rmsnorm_gemv_silu, which holds two tiles): beyond that the
     tile, its prefetch and the fp32 accumulator spill registers on sm_90.
     """
     sms = sms or num_sms()
+    BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
     num_warps = 4
     if split_k:
-        BLOCK_N, BLOCK_K = 8, min(256, max(64, triton.next_power_of_2(K)))
-        SPLIT_K = max(1, min(8, triton.cdiv(K, BLOCK_K)))
-        tiles = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K)        # tiles per program
+        BLOCK_N = 8
+        row_blocks = triton.cdiv(N, BLOCK_N)
+        SPLIT_K = max(1, min(triton.cdiv(K, BLOCK_K), triton.cdiv(4 * sms, row_blocks)))
     else:
         SPLIT_K = 1
-        BLOCK_K = 1024 if K >= 4096 and K % 1024 == 0 else min(512, max(64, triton.next_power_of_2(K)))
-        BLOCK_N = 4 if triton.cdiv(N, 8) >= 64 * sms else 8
-        tiles = triton.cdiv(K, BLOCK_K)
-    PREFETCH = _prefetch(None, tiles, BLOCK_N * BLOCK_K, num_warps)
-    return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, num_warps=num_warps, PREFETCH=PREFETCH)
-
-
-def _prefetch(prefetch, tiles, per_tile_elems, num_warps, budget=64):
-    """Tiles loaded before the PDL wait: the caller's choice, else as many as fit
-    in `budget` weight elements per thread; never more than the program has, and
-    a power of two (the head is one tl.arange of PREFETCH * BLOCK_K columns)."""
-    if prefetch is None:
-        prefetch = budget // max(1, per_tile_elems // (32 * num_warps))
-    p = max(1, min(tiles, prefetch))
-    return 1 << (p.bit_length() - 1)
+        BLOCK_N = 8 if triton.cdiv(N, 8) >= 3 * sms else 4
+    return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, num_warps=num_warps)
 
 
 def _cfg(N, K, split_k, BLOCK_N, BLOCK_K, SPLIT_K, num_warps):
@@ -602,52 +579,37 @@ def _cfg(N, K, split_k, BLOCK_N, BLOCK_K, SPLIT_K, num_warps):
 @triton.jit
 def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
                          N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N]
-    row_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K                  # [BLOCK_N, 1]
-    HEAD: tl.constexpr = PREFETCH * BLOCK_K                            # columns loaded before the wait
-    KP: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K          # K rounded up to whole tiles
-    hc = tl.arange(0, HEAD)
-    w_head = _load_w(row_ptrs + hc[None, :], rows, hc, N, K, EVEN_N, EVEN_K)
+    cols = tl.arange(0, BLOCK_K)                                       # [BLOCK_K]
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # [BLOCK_N, BLOCK_K]
+    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
+    # weights never depend on the previous kernel: start streaming before the wait
+    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    cols = tl.arange(0, BLOCK_K)
-    if HEAD < KP:  # start the body's stream before using the head
-        w = _load_w(row_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, N, K, EVEN_N, EVEN_K)
-    hxn, hx2 = _load_xn(x_ptr, nw_ptr, hc, BLOCK_N, HEAD, K, EVEN_K)  # (own names: the loop's differ in shape)
-    y = tl.sum(w_head.to(tl.float32) * hxn, axis=1)                    # [BLOCK_N]
-    ss = tl.sum(hx2, axis=0)
-    if HEAD < KP:
-        LAST: tl.constexpr = KP - BLOCK_K                              # start of the last tile
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        ssb = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(HEAD, LAST, BLOCK_K):
-            nk = k0 + BLOCK_K + cols
-            w_next = _load_w(row_ptrs + nk[None, :], rows, nk, N, K, EVEN_N, EVEN_K)
-            xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-            acc += w.to(tl.float32) * xn
-            ssb += x2
-            w = w_next
-        xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, LAST, BLOCK_K):
+        w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
+        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
         acc += w.to(tl.float32) * xn
-        ssb += x2
-        y += tl.sum(acc, axis=1)
-        ss += tl.sum(ssb, axis=0)
-    rstd = tl.rsqrt(ss / K + eps)
-    y = y * rstd
+        ss += x2
+        w = w_next
+    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    acc += w.to(tl.float32) * xn
+    ss += x2
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    y = tl.sum(acc, axis=1) * rstd                                     # [BLOCK_N]
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None, use_pdl=False,
-                 prefetch=None):
-    """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits).
-    prefetch: weight tiles loaded before the PDL wait (None = gemv_config's rule)."""
+def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None, use_pdl=False):
+    """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits)"""
     _check_pdl(use_pdl)
     N, K = W.shape
     BLOCK_N, BLOCK_K, _, num_warps = _cfg(N, K, False, BLOCK_N, BLOCK_K, 1, num_warps)
-    P = _prefetch(prefetch, triton.cdiv(K, BLOCK_K), BLOCK_N * BLOCK_K, num_warps)
     _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=P,
+        x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=num_warps)
 
@@ -659,73 +621,55 @@ def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=N
 @triton.jit
 def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
                               I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr,
-                              EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                              BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                              USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N], in 0..I-1
-    g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K                    # gate rows, [BLOCK_N, 1]
-    u_ptrs = g_ptrs + I * K                                            # up rows sit I rows below
-    HEAD: tl.constexpr = PREFETCH * BLOCK_K
-    KP: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K
-    hc = tl.arange(0, HEAD)
-    wg_head = _load_w(g_ptrs + hc[None, :], rows, hc, I, K, EVEN_N, EVEN_K)
-    wu_head = _load_w(u_ptrs + hc[None, :], rows, hc, I, K, EVEN_N, EVEN_K)
-    _pdl_wait(USE_PDL)
     cols = tl.arange(0, BLOCK_K)
-    if HEAD < KP:
-        wg = _load_w(g_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, I, K, EVEN_N, EVEN_K)
-        wu = _load_w(u_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, I, K, EVEN_N, EVEN_K)
-    hxn, hx2 = _load_xn(x_ptr, nw_ptr, hc, BLOCK_N, HEAD, K, EVEN_K)
-    gate = tl.sum(wg_head.to(tl.float32) * hxn, axis=1)
-    up = tl.sum(wu_head.to(tl.float32) * hxn, axis=1)
-    ss = tl.sum(hx2, axis=0)
-    if HEAD < KP:
-        LAST: tl.constexpr = KP - BLOCK_K
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        ssb = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(HEAD, LAST, BLOCK_K):
-            nk = k0 + BLOCK_K + cols
-            wg_next = _load_w(g_ptrs + nk[None, :], rows, nk, I, K, EVEN_N, EVEN_K)
-            wu_next = _load_w(u_ptrs + nk[None, :], rows, nk, I, K, EVEN_N, EVEN_K)
-            xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-            acc_g += wg.to(tl.float32) * xn
-            acc_u += wu.to(tl.float32) * xn
-            ssb += x2
-            wg = wg_next
-            wu = wu_next
-        xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # gate rows
+    u_ptrs = g_ptrs + I * K                                            # up rows sit I rows below
+    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K
+    wg = _load_w(g_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
+    wu = _load_w(u_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
+    _pdl_wait(USE_PDL)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, LAST, BLOCK_K):
+        nk = k0 + BLOCK_K + cols
+        wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
+        wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
+        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
         acc_g += wg.to(tl.float32) * xn
         acc_u += wu.to(tl.float32) * xn
-        ssb += x2
-        gate += tl.sum(acc_g, axis=1)
-        up += tl.sum(acc_u, axis=1)
-        ss += tl.sum(ssb, axis=0)
-    rstd = tl.rsqrt(ss / K + eps)
-    gate = gate * rstd
-    up = up * rstd
+        ss += x2
+        wg = wg_next
+        wu = wu_next
+    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
+    acc_g += wg.to(tl.float32) * xn
+    acc_u += wu.to(tl.float32) * xn
+    ss += x2
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    gate = tl.sum(acc_g, axis=1) * rstd
+    up = tl.sum(acc_u, axis=1) * rstd
     y = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
 
 
 def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None,
-                      use_pdl=False, prefetch=None):
+                      use_pdl=False):
     """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up), out [I] (bf16/fp16).
     BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows; the
-    default is the config of the whole [2I, K] matrix with BLOCK_N outputs, i.e.
-    16 weight rows (measured best for 0.6B/1.7B/8B gate_up, 4B prefers 8 rows by
-    4%), and BLOCK_K <= 512 (two tiles are live). prefetch counts tiles per matrix."""
+    default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
     _check_pdl(use_pdl)
     N2, K = W_gu.shape
     I = N2 // 2
     c = gemv_config(N2, K)
-    BLOCK_N = BLOCK_N or c["BLOCK_N"]
-    BLOCK_K = BLOCK_K or min(512, c["BLOCK_K"])
+    BLOCK_N = BLOCK_N or max(1, c["BLOCK_N"] // 2)
+    BLOCK_K = BLOCK_K or c["BLOCK_K"]
     num_warps = num_warps or c["num_warps"]
     assert _pow2(BLOCK_N) and _pow2(BLOCK_K)
-    # gate and up heads are both live: half the per-thread budget each
-    P = _prefetch(prefetch, triton.cdiv(K, BLOCK_K), BLOCK_N * BLOCK_K, num_warps, budget=32)
     _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
-        x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=P,
+        x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=num_warps)
 
@@ -742,29 +686,21 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, num
 def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
                      N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_begin = tl.program_id(1) * KS                                    # this program: [k_begin, k_begin + KS)
-    row_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K                  # [BLOCK_N, 1]
-    HEAD: tl.constexpr = PREFETCH * BLOCK_K
-    hc = k_begin + tl.arange(0, HEAD)
-    w_head = _load_w(row_ptrs + hc[None, :], rows, hc, N, K, EVEN_N, EVEN_K)
+    k_begin = tl.program_id(1) * KS
+    cols = k_begin + tl.arange(0, BLOCK_K)                             # [BLOCK_K] columns of tile 0
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    cols = k_begin + tl.arange(0, BLOCK_K)
-    if HEAD < KS:
-        w = _load_w(row_ptrs + (HEAD + cols)[None, :], rows, HEAD + cols, N, K, EVEN_N, EVEN_K)
-    y = tl.sum(w_head.to(tl.float32) * _load_bcast(a_ptr, hc, BLOCK_N, HEAD, K, EVEN_K), axis=1)
-    if HEAD < KS:
-        LAST: tl.constexpr = KS - BLOCK_K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(HEAD, LAST, BLOCK_K):
-            nk = cols + (k0 + BLOCK_K)
-            w_next = _load_w(row_ptrs + nk[None, :], rows, nk, N, K, EVEN_N, EVEN_K)
-            acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
-            w = w_next
-        acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
-        y += tl.sum(acc, axis=1)                                       # [BLOCK_N]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, KS - BLOCK_K, BLOCK_K):
+        w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, cols + (k0 + BLOCK_K), N, K, EVEN_N, EVEN_K)
+        acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
+        w = w_next
+    LAST: tl.constexpr = KS - BLOCK_K
+    acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
+    y = tl.sum(acc, axis=1)                                            # [BLOCK_N]
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
         tl.store(h_ptr + rows, h + y, mask=rows < N)
@@ -772,76 +708,17 @@ def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
         tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
 
 
-def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, use_pdl=False,
-             prefetch=None):
-    """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a.
-    prefetch: weight tiles loaded before the PDL wait (None = gemv_config's rule)."""
+def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, use_pdl=False):
+    """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a"""
     _check_pdl(use_pdl)
     N, K = W.shape
     BLOCK_N, BLOCK_K, SPLIT_K, num_warps = _cfg(N, K, True, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)
     KS = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
-    P = _prefetch(prefetch, KS // BLOCK_K, BLOCK_N * BLOCK_K, num_warps)
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
-        a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split, PREFETCH=P,
+        a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
         EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=num_warps)
-
-
-# ---------------------------------------------------------------------------
-# 5. q/k RMSNorm + RoPE + KV-cache append
-# ---------------------------------------------------------------------------
-# One program per head of the fused qkv vector: heads 0..Hq-1 are q,
-# Hq..Hq+Hkv-1 are k, the rest v. Math in fp32, rounded once on store.
-
-@triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
-                         q_ptr, kc_ptr, vc_ptr, eps,
-                         stride_kt, stride_kh, stride_vt, stride_vh,
-                         HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, USE_PDL: tl.constexpr):
-    head = tl.program_id(0)
-    half = tl.arange(0, HD // 2)
-    _pdl_wait(USE_PDL)
-    pos = tl.load(pos_ptr).to(tl.int64)
-    x1 = tl.load(qkv_ptr + head * HD + half).to(tl.float32)            # [HD/2]
-    x2 = tl.load(qkv_ptr + head * HD + HD // 2 + half).to(tl.float32)
-    if head >= HQ + HKV:  # v: plain copy into the cache
-        dst = vc_ptr + pos * stride_vt + (head - HQ - HKV) * stride_vh
-        tl.store(dst + half, x1.to(vc_ptr.dtype.element_ty))
-        tl.store(dst + HD // 2 + half, x2.to(vc_ptr.dtype.element_ty))
-    else:
-        is_q = head < HQ
-        w1 = tl.where(is_q, tl.load(qw_ptr + half), tl.load(kw_ptr + half)).to(tl.float32)
-        w2 = tl.where(is_q, tl.load(qw_ptr + HD // 2 + half), tl.load(kw_ptr + HD // 2 + half)).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HD + eps)
-        x1 = x1 * rstd * w1
-        x2 = x2 * rstd * w2
-        c = tl.load(cos_ptr + pos * (HD // 2) + half)
-        s = tl.load(sin_ptr + pos * (HD // 2) + half)
-        y1 = x1 * c - x2 * s   # rotate_half form
-        y2 = x2 * c + x1 * s
-        if is_q:
-            tl.store(q_ptr + head * HD + half, y1.to(q_ptr.dtype.element_ty))
-            tl.store(q_ptr + head * HD + HD // 2 + half, y2.to(q_ptr.dtype.element_ty))
-        else:
-            dst = kc_ptr + pos * stride_kt + (head - HQ) * stride_kh
-            tl.store(dst + half, y1.to(kc_ptr.dtype.element_ty))
-            tl.store(dst + HD // 2 + half, y2.to(kc_ptr.dtype.element_ty))
-
-
-def qk_norm_rope_append(qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, v_cache, eps,
-                        use_pdl=False):
-    """qkv [(Hq+2Hkv)*hd], q/k_norm_w [hd], cos/sin fp32 [max_pos, hd/2], pos int32[1],
-    q_out [Hq, hd], k_cache/v_cache [S, Hkv, hd] (row t = token t)"""
-    _check_pdl(use_pdl)
-    Hq, hd = q_out.shape
-    Hkv = k_cache.shape[1]
-    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd // 2
-    assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1
-    _qk_norm_rope_kernel[(Hq + 2 * Hkv,)](
-        qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, v_cache, eps,
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        HQ=Hq, HKV=Hkv, HD=hd, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=1)
 
 
 # ---------------------------------------------------------------------------
@@ -853,17 +730,15 @@ def qk_norm_rope_append(qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, 
 # The G query rows are padded to BLOCK_G >= 16 so both products can use tl.dot
 # (tensor cores; the padding is free since this kernel is bandwidth bound).
 #
-# Split rule: chunk = max(MIN_CHUNK, cdiv(L, NSPLIT) rounded up to BLOCK_S),
-# and only the first n_active = cdiv(L, chunk) programs have rows. The others
-# exit right after the PDL wait. MIN_CHUNK exists because a split has a fixed
-# cost: its partial goes to scratch, a gpu-scope atomic, then the last program
-# reads it back, several dependent L2 round trips (~1-2 us in all). One SM
-# streams one kv head's K+V (512 B per row at hd=128) at roughly 100 GB/s, so
-# 256 rows (128 KB) take about as long as that round trip: splitting chunks
-# smaller than that costs more than it saves. With MIN_CHUNK = 256 a context
-# of <= 256 tokens runs one program per kv head, which normalizes and writes
-# the output itself (no scratch, no atomic); 0.6B at L=400 uses 2 splits, and
-# from L = 256*NSPLIT up all NSPLIT programs work, as before.
+# Split rule: chunk = cdiv(L, NSPLIT) rounded up to BLOCK_S, and only the first
+# n_active = cdiv(L, chunk) programs have rows; the others exit right after the
+# PDL wait. A split has a fixed cost (its partial goes to scratch, a gpu-scope
+# atomic, then the last program reads it back: several dependent L2 round
+# trips), so contexts of up to SINGLE_MAX tokens run as one program per kv
+# head, which normalizes and writes the output itself. Measured on an H200,
+# 0.6B heads: L=128 takes 4.0 us that way against 6.2 us split 33 ways, while
+# from a few hundred tokens on, more splits win (L=384: 6.6 us in 6 splits of
+# 64 rows, 8.6 us in 2 of 256).
 #
 # Combine in the same launch (n_active > 1): each active program writes its
 # partial (m, l, acc) to scratch and bumps counter[h]; the program that arrives
@@ -924,7 +799,7 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
                         k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale, eps,
                         stride_kt, stride_kh, stride_vt, stride_vh,
                         G: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, SINGLE_MAX: tl.constexpr,
                         COMB: tl.constexpr, FUSED: tl.constexpr, USE_PDL: tl.constexpr):
     # q_ptr: q [Hq, HD], or with FUSED the qkv vector [(Hq + 2 Hkv) * HD]
     h = tl.program_id(0)
@@ -933,7 +808,8 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
         tl.extra.cuda.gdc_wait()   # every program waits (see the module docstring)
     pos = tl.load(pos_ptr)
     L = pos + 1
-    chunk = tl.maximum(MIN_CHUNK, tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S)
+    chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
+    chunk = tl.where(L <= SINGLE_MAX, SINGLE_MAX, chunk)  # short contexts: one program per kv head
     n_active = tl.cdiv(L, chunk)
     if split >= n_active:
         return                     # no rows for this split (exiting also counts as the PDL trigger)
@@ -1031,7 +907,7 @@ def make_attention_scratch(Hq, Hkv, hd, nsplit, device):
 
 
 def _launch_attention(qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps, Hq, hd,
-                      fused, BLOCK_S, num_warps, num_stages, use_pdl, min_chunk):
+                      fused, BLOCK_S, num_warps, num_stages, use_pdl, single_max):
     _check_pdl(use_pdl)
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -1039,31 +915,30 @@ def _launch_attention(qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, scratc
     nsplit = m_s.shape[1]
     assert Hq % Hkv == 0 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
     assert m_s.shape == (Hq, nsplit) and acc_s.shape == (Hq, nsplit, hd) and cnt.numel() >= Hkv
-    assert min_chunk % BLOCK_S == 0, "split boundaries must fall on tile boundaries"
     _decode_attn_kernel[(Hkv, nsplit)](
         qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, m_s, l_s, acc_s, cnt, scale * LOG2E, eps,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         G=G, HKV=Hkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, NSPLIT=nsplit,
-        MIN_CHUNK=min_chunk, COMB=min(32, triton.next_power_of_2(nsplit)), FUSED=fused,
+        SINGLE_MAX=single_max, COMB=min(32, triton.next_power_of_2(nsplit)), FUSED=fused,
         USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=num_warps, num_stages=num_stages)
 
 
 def decode_attention(q, k_cache, v_cache, pos, out, scratch, scale, BLOCK_S=64, num_warps=4,
-                     num_stages=3, use_pdl=False, min_chunk=256):
+                     num_stages=3, use_pdl=False, single_max=128):
     """q [Hq, hd], k_cache/v_cache [S, Hkv, hd], pos int32[1] (attends rows 0..pos),
     out [Hq*hd], scratch from make_attention_scratch (its shape fixes NSPLIT).
     num_stages=3 keeps two K/V tiles in flight (cp.async) while one is used.
-    min_chunk: fewest rows per split (a multiple of BLOCK_S; see the notes above)."""
+    single_max: contexts up to this many tokens run as one program per kv head."""
     Hq, hd = q.shape
     assert q.is_contiguous()
     _launch_attention(q, q, q, q, q, pos, k_cache, v_cache, out, scratch, scale, 0.0, Hq, hd, False,
-                      BLOCK_S, num_warps, num_stages, use_pdl, min_chunk)
+                      BLOCK_S, num_warps, num_stages, use_pdl, single_max)
 
 
 def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch,
                            scale, eps, BLOCK_S=64, num_warps=4, num_stages=3, use_pdl=False,
-                           min_chunk=256):
-    """qk_norm_rope_append + decode_attention in one launch.
+                           single_max=128):
+    """q/k RMSNorm + RoPE + KV-cache append + decode_attention, in one launch.
     qkv [(Hq+2Hkv)*hd] (the qkv GEMV's output), q/k_norm_w [hd], cos/sin fp32
     [max_pos, hd/2], pos int32[1]; writes k/v cache row pos, then attends rows
     0..pos; out [Hq*hd]. Hq is taken from out. Other arguments as decode_attention."""
@@ -1072,7 +947,7 @@ def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_ca
     assert qkv.is_contiguous() and qkv.numel() == (Hq + 2 * Hkv) * hd
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd // 2
     _launch_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps,
-                      Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, min_chunk)
+                      Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, single_max)
 
 
 # --- the sampler, inside the graph

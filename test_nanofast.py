@@ -1310,34 +1310,6 @@ def _tiny_config(Hq, Hkv, hd):
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_qk_norm_rope_append(kseed, dtype):
-    Hq, Hkv, hd, eps = 4, 2, KHD, 1e-6
-    cfg = _tiny_config(Hq, Hkv, hd)
-    cache = nanofast.KVCache(cfg, max_seq_len=12, page_size=4, dtype=dtype, device=KDEV)
-    cache.data.fill_(NAN)
-    k_cache, v_cache = cache.flat(1)  # layer 1 of the paged cache, seen as (12, Hkv, hd)
-    cos, sin = nanofast.rope_tables(cfg, 12, KDEV)
-    q_norm, k_norm = [(1 + 0.1 * torch.randn(hd)).to(dtype).to(KDEV) for _ in range(2)]
-    positions = (0, 3, 4, 11)  # first row, both sides of a page boundary, last row
-    for p in positions:
-        qkv = krandn((Hq + 2 * Hkv) * hd, std=2.0, dtype=dtype)
-        q_out = poisoned(Hq, hd, dtype=dtype)
-        nanofast.qk_norm_rope_append(qkv, q_norm, k_norm, cos, sin, i32(p), q_out, k_cache, v_cache, eps)
-        # forward()'s own code for one token at position p, in fp32
-        q, k, v = qkv.float().split([Hq * hd, Hkv * hd, Hkv * hd])
-        c, s = cos[p:p + 1], sin[p:p + 1]
-        q = nanofast.apply_rope(nanofast.rms_norm(q.view(1, Hq, hd), q_norm.float(), eps), c, s)
-        k = nanofast.apply_rope(nanofast.rms_norm(k.view(1, Hkv, hd), k_norm.float(), eps), c, s)
-        assert_kernel_close(q_out, q, dtype, f"q at {p}")
-        assert_kernel_close(k_cache[p], k, dtype, f"k at {p}")
-        assert_kernel_close(v_cache[p], v, dtype, f"v at {p}")
-    for t in set(range(12)) - set(positions):  # nothing else was written
-        assert k_cache[t].isnan().all() and v_cache[t].isnan().all(), t
-    assert cache.data[0].isnan().all()  # nor layer 0
-
-
-@requires_triton
 @pytest.mark.parametrize("G,nsplit,BLOCK_S,S,dtype,positions", [
     (1, 1, 16, 64, KDT, (0, 15, 16, 63)),  # L = 1, one tile of 16, a tile and one row, 4 tiles
     # chunk = cdiv(cdiv(L, 3), 16) * 16: L = 16 and 17 leave splits empty, L = 48 fills all
@@ -1357,21 +1329,21 @@ def test_kernel_decode_attention(kseed, G, nsplit, BLOCK_S, S, dtype, positions)
         out = poisoned(Hq * hd, dtype=dtype)
         for t in scratch[:3]:
             t.fill_(NAN)  # every partial the combine reads must have been written
-        # min_chunk = BLOCK_S lets short sequences split (the default keeps L <= 256 in one program)
+        # single_max=0 lets short sequences split (by default L <= 128 runs in one program)
         nanofast.decode_attention(q, k_cache, v_cache, i32(p), out, scratch, hd ** -0.5, BLOCK_S=BLOCK_S,
-                                  min_chunk=BLOCK_S)
+                                  single_max=0)
         ref = nanofast.plain_attention(q[None].float(), k_cache[:p + 1].float(), v_cache[:p + 1].float(), p)
         assert_kernel_close(out, ref, dtype, f"L={p + 1}")
         assert not scratch[3].any(), "combine counter not reset"
 
 
 @requires_triton
-@pytest.mark.parametrize("G,nsplit,min_chunk,dtype", [
-    (2, 3, 16, KDT),  # 1, 2 and 3 active splits as the sequence grows
-    (1, 1, 256, KDT),  # the default chunk: one program per kv head writes the output itself
-    (4, 5, 16, torch.bfloat16),
+@pytest.mark.parametrize("G,nsplit,single_max,dtype", [
+    (2, 3, 16, KDT),  # one program up to L = 16, then 2 and 3 active splits
+    (1, 1, 128, KDT),  # the default: one program per kv head writes the output itself
+    (4, 5, 0, torch.bfloat16),  # always split
 ], ids=["gqa2-3splits", "gqa1-single", "gqa4-5splits-bf16"])
-def test_kernel_attention_decode_fused(kseed, G, nsplit, min_chunk, dtype):
+def test_kernel_attention_decode_fused(kseed, G, nsplit, single_max, dtype):
     """q/k norm + RoPE + KV append + attention in one launch, token after token, against
     forward()'s plain code: the new row must be written and used, later rows untouched."""
     Hkv, hd, eps, S = 2, KHD, 1e-6, 72
@@ -1391,7 +1363,7 @@ def test_kernel_attention_decode_fused(kseed, G, nsplit, min_chunk, dtype):
         qkv = krandn((Hq + 2 * Hkv) * hd, std=2.0, dtype=dtype)
         out = poisoned(Hq * hd, dtype=dtype)
         nanofast.attention_decode_fused(qkv, q_norm, k_norm, cos, sin, i32(p), k_cache, v_cache, out, scratch,
-                                        hd ** -0.5, eps, BLOCK_S=16, min_chunk=min_chunk)
+                                        hd ** -0.5, eps, BLOCK_S=16, single_max=single_max)
         q, k, v = qkv.float().cpu().split([Hq * hd, Hkv * hd, Hkv * hd])
         c, s_ = cos[p:p + 1].cpu(), sin[p:p + 1].cpu()
         q = nanofast.apply_rope(nanofast.rms_norm(q.view(1, Hq, hd), q_norm.float().cpu(), eps), c, s_)
