@@ -541,9 +541,9 @@ def gemv_config(N, K, split_k=False, sms=None):
     to ~100 MB (8B gate_up), so:
       * BLOCK_K = 512 at 4 warps: a warp reads 256 contiguous bf16 of a row,
         each thread 16 bytes at a time.
-      * BLOCK_N = 16 (8 x 16-byte loads per thread per tile, 16 with the
-        prefetched tile) while that still gives >= 3 programs per SM;
-        otherwise 8 or 4 rows per program, to keep every SM busy.
+      * BLOCK_N = 8 rows (4 x 16-byte loads per thread per tile, 8 with the
+        prefetched tile) while that still gives >= 3 programs per SM, else 4,
+        to keep every SM busy (16 rows measured slower, lm_head included).
       * small-N matrices (o_proj, down_proj: N = D) instead split K over
         programs that atomically add into h, for >= 4 programs per SM.
     Keep BLOCK_N * BLOCK_K / (32 * num_warps) <= 64 weight elements per thread
