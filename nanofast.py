@@ -950,6 +950,113 @@ def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_ca
                       Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, single_max)
 
 
+# --- prefill: row kernels
+# Prefill runs outside the graph, through cuBLAS and FlashInfer; these three kernels
+# replace the ~50 small torch ops per layer around them (RMSNorm, residual add, q/k norm,
+# RoPE, cache write, SiLU), which cost more in launches than in work. Each repeats the
+# roundings of the plain-torch code it replaces, so prefill computes what forward() does.
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):  # round fp32 x to dtype DT and back, as a torch op in DT would
+    return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_rows_kernel(x_ptr, y_ptr, w_ptr, out_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr,
+                          ADD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    XT: tl.constexpr = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the residual add x += y, rounded to x's dtype like torch's
+        x = _rnd(x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), XT)
+        tl.store(x_ptr + row * D + cols, x.to(XT), mask=mask)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) * (1.0 / D) + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, (_rnd(x * rstd, XT) * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_rows(x, w, eps, out, add=None):
+    """out (T, D) = rms_norm(x + add, w) for contiguous (T, D) rows; with add, x += add in place."""
+    T, D = x.shape
+    BLOCK = triton.next_power_of_2(D)
+    _rms_norm_rows_kernel[(T,)](x, x if add is None else add, w, out, eps, D=D, BLOCK=BLOCK, ADD=add is not None,
+                                num_warps=max(1, min(16, BLOCK // 256)))
+    return out
+
+
+@triton.jit
+def _silu_mul_rows_kernel(gu_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    DT: tl.constexpr = gu_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * I + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * I + I + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _rnd(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT)  # torch's silu, rounded, then the product
+    tl.store(out_ptr + row * I + cols, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul_rows(gate_up, out):  # (T, 2I) -> out (T, I) = silu(gate) * up
+    T, I = out.shape
+    BLOCK = 1024
+    _silu_mul_rows_kernel[(T, triton.cdiv(I, BLOCK))](gate_up, out, I=I, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+@triton.jit
+def _qk_norm_rope_rows_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos0, q_ptr, kc_ptr, vc_ptr, eps,
+                              stride_kt, stride_vt, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+                              BH: tl.constexpr):
+    # program (t, b): heads b*BH.. of token t's qkv row (q heads, then k, then v), as the two
+    # halves RoPE mixes; every intermediate rounded as apply_rope(rms_norm(...)) rounds it
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    half = tl.arange(0, HD // 2)
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    pos = t.to(tl.int64) + pos0
+    is_q, is_k = heads < HQ, (heads >= HQ) & (heads < HQ + HKV)
+    is_v = (heads >= HQ + HKV) & (heads < HQ + 2 * HKV)
+    src = qkv_ptr + t.to(tl.int64) * (HQ + 2 * HKV) * HD + heads[:, None] * HD + half[None, :]
+    x1 = tl.load(src, mask=(heads < HQ + 2 * HKV)[:, None], other=0.0)  # (BH, HD/2)
+    x2 = tl.load(src + HD // 2, mask=(heads < HQ + 2 * HKV)[:, None], other=0.0)
+    v_dst = vc_ptr + pos * stride_vt + (heads - HQ - HKV)[:, None] * HD + half[None, :]
+    tl.store(v_dst, x1, mask=is_v[:, None])
+    tl.store(v_dst + HD // 2, x2, mask=is_v[:, None])
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    qsel = is_q[:, None]
+    w1 = tl.where(qsel, tl.load(qw_ptr + half)[None, :], tl.load(kw_ptr + half)[None, :]).to(tl.float32)
+    w2 = tl.where(qsel, tl.load(qw_ptr + HD // 2 + half)[None, :], tl.load(kw_ptr + HD // 2 + half)[None, :])
+    rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) * (1.0 / HD) + eps)[:, None]
+    a = _rnd(_rnd(a * rstd, DT) * w1, DT)
+    b = _rnd(_rnd(b * rstd, DT) * w2.to(tl.float32), DT)
+    c = _rnd(tl.load(cos_ptr + pos * (HD // 2) + half)[None, :], DT)
+    s = _rnd(tl.load(sin_ptr + pos * (HD // 2) + half)[None, :], DT)
+    y1 = _rnd(_rnd(a * c, DT) - _rnd(b * s, DT), DT)
+    y2 = _rnd(_rnd(b * c, DT) + _rnd(a * s, DT), DT)
+    q_dst = q_ptr + t.to(tl.int64) * HQ * HD + heads[:, None] * HD + half[None, :]
+    tl.store(q_dst, y1.to(DT), mask=qsel)
+    tl.store(q_dst + HD // 2, y2.to(DT), mask=qsel)
+    k_dst = kc_ptr + pos * stride_kt + (heads - HQ)[:, None] * HD + half[None, :]
+    tl.store(k_dst, y1.to(DT), mask=is_k[:, None])
+    tl.store(k_dst + HD // 2, y2.to(DT), mask=is_k[:, None])
+
+
+def qk_norm_rope_rows(qkv, q_norm_w, k_norm_w, cos, sin, pos: int, q_out, k_cache, v_cache, eps):
+    """qkv (T, (Hq+2Hkv) hd) of tokens at positions pos..pos+T-1 -> q_out (T, Hq, hd) normed and
+    rotated; k (normed, rotated) and v into cache rows pos..pos+T-1 of the flat views."""
+    T, Hq, hd = q_out.shape
+    Hkv = k_cache.shape[1]
+    assert pos + T <= k_cache.shape[0] and cos.is_contiguous()
+    BH = max(1, min(triton.next_power_of_2(Hq + 2 * Hkv), 4096 // hd))  # ~8 KB of bf16 per program
+    _qk_norm_rope_rows_kernel[(T, triton.cdiv(Hq + 2 * Hkv, BH))](
+        qkv, q_norm_w, k_norm_w, cos, sin, pos, q_out, k_cache, v_cache, eps, k_cache.stride(0), v_cache.stride(0),
+        HQ=Hq, HKV=Hkv, HD=hd, BH=BH, num_warps=4)
+    return q_out
+
+
 # --- the sampler, inside the graph
 #
 #
@@ -1431,6 +1538,27 @@ def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for
     return flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True).reshape(q.shape[0], -1)
 
 
+def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int, last_only=True,
+                    attention=flashinfer_attention):
+    """forward() for prefill on CUDA: the same math and roundings, in 9 launches per layer plus
+    FlashInfer attention. The residual add of each MLP is folded into the next RMSNorm."""
+    T, Hq, hd, eps = ids.shape[0], cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
+    x = w.embed[ids]  # (T, D) residual stream, updated in place
+    xn = torch.empty_like(x)  # normed input of the next matmul
+    q = torch.empty(T, Hq, hd, dtype=x.dtype, device=x.device)
+    act = torch.empty(T, cfg.intermediate_size, dtype=x.dtype, device=x.device)
+    down = None  # the previous layer's MLP output, not yet added to x
+    for i, L in enumerate(w.layers):
+        rms_norm_rows(x, L.attn_norm, eps, xn, add=down)
+        k_cache, v_cache = cache.flat(i)
+        qk_norm_rope_rows(xn @ L.qkv.T, L.q_norm, L.k_norm, rope[0], rope[1], pos, q, k_cache, v_cache, eps)
+        rms_norm_rows(x, L.mlp_norm, eps, xn, add=attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ L.o.T)
+        down = silu_mul_rows(xn @ L.gate_up.T, act) @ L.down.T
+    if last_only:
+        x, xn, down = x[-1:], xn[-1:], down[-1:]
+    return (rms_norm_rows(x, w.norm, eps, xn, add=down) @ w.lm_head.T).float()
+
+
 class FastDecoder:
     """The CUDA path: every buffer the decode step touches, allocated once, and the graph
     that runs the whole step. The engine owns the weights, the KV cache and RoPE tables."""
@@ -1511,14 +1639,14 @@ class FastDecoder:
         return graph
 
     def prefill(self, ids):
-        """Run the prompt through the plain model in chunks, with FlashInfer attention, then
+        """Run the prompt through prefill_forward in chunks of at most prefill_chunk tokens, then
         sample its first token into s.tok (and ring slot 0) with the graph's sampler."""
         e = self.engine
         ids = torch.tensor(ids, dtype=torch.long, device=e.device)
         with torch.inference_mode():
             for start in range(0, ids.shape[0], self.prefill_chunk):
-                logits = forward(e.weights, e.cfg, e.cache, e.rope, ids[start:start + self.prefill_chunk], start,
-                                 attention=flashinfer_attention, last_only=True)
+                logits = prefill_forward(e.weights, e.cfg, e.cache, e.rope, ids[start:start + self.prefill_chunk],
+                                         start)
             self.logits.copy_(logits[0])
             self.s.pos.fill_(ids.shape[0] - 1)  # the sampler moves it on to len(ids)
             self.s.step.zero_()

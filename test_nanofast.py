@@ -1572,6 +1572,30 @@ def test_fast_decoder_run_step(tmp_path, monkeypatch):
             assert got[steps:].isnan().all()
 
 
+@requires_triton
+# bf16 on CUDA only: Triton's interpreter truncates fp32 -> bf16 where the GPU (and torch) round
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=requires_cuda)],
+                         ids=["fp32", "bf16"])
+def test_prefill_forward_matches_forward(tmp_path, dtype):
+    """Prefill's row kernels repeat forward()'s roundings: same logits and the same cache,
+    over two chunks (the second at pos > 0). The attention is the plain one here, so only
+    the kernels differ."""
+    d = make_small_vocab_checkpoint(tmp_path / "ckpt", head_dim=KHD) if KDEV.type == "cuda" else \
+        make_small_vocab_checkpoint(tmp_path / "ckpt")
+    engines = [nanofast.load(str(d), device=KDEV, dtype=dtype, max_seq_len=32, page_size=4, fast=False,
+                             verbose=False) for _ in range(2)]
+    ids = torch.randint(0, 512, (19,), generator=torch.Generator().manual_seed(0)).to(KDEV)
+    want = [nanofast.forward(engines[0].weights, engines[0].cfg, engines[0].cache, engines[0].rope, ids[a:b], a,
+                             last_only=True) for a, b in ((0, 11), (11, 19))]
+    e = engines[1]
+    got = [nanofast.prefill_forward(e.weights, e.cfg, e.cache, e.rope, ids[a:b], a, attention=nanofast.plain_attention)
+           for a, b in ((0, 11), (11, 19))]
+    rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    for g, w_ in zip(got, want):
+        assert_kernel_close(g, w_, torch.float32, "logits", rtol=rtol)
+    assert_kernel_close(e.cache.data[:, :, :5], engines[0].cache.data[:, :, :5], torch.float32, "cache", rtol=rtol)
+
+
 # -----------------------------------------------------------------------------
 # the CUDA fast path: one graph per decode step, against the plain path and transformers
 # (bf16 on the GPU; skipped without CUDA and FlashInfer)
