@@ -348,7 +348,7 @@ def test_kv_cache_layout(case):
     with torch.no_grad():
         out = case["model"](torch.tensor([ids]), use_cache=True)
     for i in range(eng.cfg.num_layers):
-        layer = out.cache.layers[i]
+        layer = (out.cache if hasattr(out, "cache") else out.past_key_values).layers[i]
         for name, ours, ref in (("k", eng.cache.k[i], layer.keys), ("v", eng.cache.v[i], layer.values)):
             ref = ref[0].transpose(0, 1)  # (T, Hkv, hd)
             T, ps = ref.shape[0], ours.shape[1]
