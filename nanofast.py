@@ -762,14 +762,12 @@ def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, 
 # loop reads that row back. No other program reads row pos, and the next
 # token's kernel is ordered after this one, so nothing else can race.
 #
-# PDL: when the next kernel may launch depends on the context. At short contexts
-# attention is a few microseconds, and letting the next kernel (o_proj) launch
-# right after the wait hides its launch and first weight loads (measured on an
-# H200: without that the 0.6B step grew by ~3 us per layer). At long contexts
-# the early trigger hurt (32K: 47 us vs 37): with 70 KB of shared memory per
-# program an SM fits 3, and the next kernel's waiting programs take whichever
-# slots free first, so some SMs end up streaming more chunks than others. From
-# LATE_TRIGGER tokens on, the trigger comes after the main loop instead.
+# PDL: the kernel waits at the top but lets the next kernel launch only after its
+# main loop. Triggering right after the wait (as the GEMVs do) was slower at every
+# context measured on an H200 (0.6B step: 708 vs 716 us at 128 tokens, 735 vs 763 at
+# 1K; attention alone at 32K: 37 vs 47 us): with 70 KB of shared memory per program an
+# SM fits 3, and the next kernel's waiting programs take whichever slots free first,
+# so some SMs end up streaming more chunks than others.
 
 @triton.jit
 def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl.constexpr):
@@ -796,7 +794,7 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
                         k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale, eps,
                         stride_kt, stride_kh, stride_vt, stride_vh,
                         G: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, SINGLE_MAX: tl.constexpr, LATE_TRIGGER: tl.constexpr,
+                        BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, SINGLE_MAX: tl.constexpr,
                         COMB: tl.constexpr, FUSED: tl.constexpr, USE_PDL: tl.constexpr):
     # q_ptr: q [Hq, HD], or with FUSED the qkv vector [(Hq + 2 Hkv) * HD]
     h = tl.program_id(0)
@@ -805,9 +803,6 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
         tl.extra.cuda.gdc_wait()   # every program waits (see the module docstring)
     pos = tl.load(pos_ptr)
     L = pos + 1
-    if USE_PDL:
-        if L < LATE_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
     chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
     chunk = tl.where(L <= SINGLE_MAX, SINGLE_MAX, chunk)  # short contexts: one program per kv head
     n_active = tl.cdiv(L, chunk)
@@ -853,8 +848,7 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     if USE_PDL:
-        if L >= LATE_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()   # after the streaming (see above)
+        tl.extra.cuda.gdc_launch_dependents()   # after the streaming (see above)
 
     if n_active == 1:  # the only split: finish here, no scratch, no atomic
         res = acc / l[:, None]
@@ -908,7 +902,7 @@ def make_attention_scratch(Hq, Hkv, hd, nsplit, device):
 
 
 def _launch_attention(qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps, Hq, hd,
-                      fused, BLOCK_S, num_warps, num_stages, use_pdl, single_max, late_trigger=2048):
+                      fused, BLOCK_S, num_warps, num_stages, use_pdl, single_max):
     _check_pdl(use_pdl)
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -920,7 +914,7 @@ def _launch_attention(qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, scratc
         qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, m_s, l_s, acc_s, cnt, scale * LOG2E, eps,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         G=G, HKV=Hkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, NSPLIT=nsplit,
-        SINGLE_MAX=single_max, LATE_TRIGGER=late_trigger, COMB=min(32, triton.next_power_of_2(nsplit)), FUSED=fused,
+        SINGLE_MAX=single_max, COMB=min(32, triton.next_power_of_2(nsplit)), FUSED=fused,
         USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -938,7 +932,7 @@ def decode_attention(q, k_cache, v_cache, pos, out, scratch, scale, BLOCK_S=64, 
 
 def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch,
                            scale, eps, BLOCK_S=64, num_warps=4, num_stages=3, use_pdl=False,
-                           single_max=256, late_trigger=2048):
+                           single_max=256):
     """q/k RMSNorm + RoPE + KV-cache append + decode_attention, in one launch.
     qkv [(Hq+2Hkv)*hd] (the qkv GEMV's output), q/k_norm_w [hd], cos/sin fp32
     [max_pos, hd/2], pos int32[1]; writes k/v cache row pos, then attends rows
@@ -948,7 +942,7 @@ def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_ca
     assert qkv.is_contiguous() and qkv.numel() == (Hq + 2 * Hkv) * hd
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd // 2
     _launch_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps,
-                      Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, single_max, late_trigger)
+                      Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, single_max)
 
 
 # --- prefill: row kernels
