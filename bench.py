@@ -469,12 +469,15 @@ def versions() -> dict:
 
 
 def git_commit():
+    """The short commit, +dirty if nanofast.py differs from it; None outside a git checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                              text=True, timeout=10).stdout.strip()
+        if not sha:
+            return None
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "nanofast.py"], cwd=HERE,
                                timeout=10).returncode != 0
-        return (sha + ("+dirty" if dirty else "")) or None
+        return sha + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001
         return None
 
