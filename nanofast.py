@@ -426,6 +426,18 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 
 # -----------------------------------------------------------------------------
 # GPU kernels (Triton)
+#
+# The kernels of one decode step at batch size 1. Each wrapper is CUDA-graph capturable:
+# it derives grids and constexprs from static shapes, allocates nothing and never reads a
+# device value on the host; per-token values (the position) are read inside the kernels.
+# The residual stream h is fp32; projections produce the weights' dtype.
+#
+# PDL (programmatic dependent launch, sm_90+): with use_pdl a kernel may start while the
+# previous one is still running. It calls gdc_wait() before touching anything an earlier
+# kernel wrote; weights never change, so a GEMV loads its first weight tile before the
+# wait. All stores come after the wait. Every program waits, even one with no work, so
+# "the previous kernel finished" implies "every earlier kernel finished". The interpreter
+# cannot run PDL: keep it off there.
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -800,7 +812,7 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     h = tl.program_id(0)
     split = tl.program_id(1)
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()   # every program waits (see the module docstring)
+        tl.extra.cuda.gdc_wait()   # every program waits (see the notes on PDL above)
     pos = tl.load(pos_ptr)
     L = pos + 1
     chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
@@ -1439,7 +1451,7 @@ def _topp_pass_kernel(
 
         topk_threshold = tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True)
         in_topk = valid & (key >= topk_threshold)
-        # Candidate floor (module docstring): Z_k >= 1 (the max is in the set); without top-k,
+        # Candidate floor (see the sampler notes above): Z_k >= 1 (the max is in the set); without top-k,
         # Z_k = Z. Half the floor leaves room for rounding.
         n_topk = tl.load(ints_ptr + I_TOPK_COUNT).to(tl.float32)
         z_bound = tl.where(topk_on, 1.0, tl.load(floats_ptr + F_Z))
