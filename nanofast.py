@@ -556,8 +556,8 @@ def gemv_config(N, K, split_k=False, sms=None):
       * BLOCK_N = 8 rows (4 x 16-byte loads per thread per tile, 8 with the
         prefetched tile) while that still gives >= 3 programs per SM, else 4,
         to keep every SM busy (16 rows measured slower, lm_head included).
-      * small-N matrices (o_proj, down_proj: N = D) instead split K over
-        programs that atomically add into h, for >= 4 programs per SM.
+      * small-N matrices (o_proj, down_proj: N = D) instead split K into up to
+        8 ranges of 256-wide tiles, whose programs atomically add into h.
     Keep BLOCK_N * BLOCK_K / (32 * num_warps) <= 64 weight elements per thread
     (<= 32 for rmsnorm_gemv_silu, which holds two tiles): beyond that the
     tile, its prefetch and the fp32 accumulator spill registers on sm_90.
@@ -565,10 +565,9 @@ def gemv_config(N, K, split_k=False, sms=None):
     sms = sms or num_sms()
     BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
     num_warps = 4
-    if split_k:
-        BLOCK_N = 8
-        row_blocks = triton.cdiv(N, BLOCK_N)
-        SPLIT_K = max(1, min(triton.cdiv(K, BLOCK_K), triton.cdiv(4 * sms, row_blocks)))
+    if split_k:  # 256-wide K tiles in up to 8 splits: measured best for every o_proj/down shape
+        BLOCK_N, BLOCK_K = 8, min(BLOCK_K, 256)
+        SPLIT_K = min(8, triton.cdiv(K, BLOCK_K))
     else:
         SPLIT_K = 1
         BLOCK_N = 8 if triton.cdiv(N, 8) >= 3 * sms else 4
@@ -802,6 +801,17 @@ def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl
 
 
 @triton.jit
+def _attend_tile(q, k, v, t_ok, m, l, acc, qk_scale):
+    """Online softmax over one tile of rows: q [G, HD], k/v [BLOCK_S, HD], t_ok [BLOCK_S]."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale                      # [BLOCK_G, BLOCK_S]
+    s = tl.where(t_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid row
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
                         k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale, eps,
                         stride_kt, stride_kh, stride_vt, stride_vh,
@@ -811,20 +821,29 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     # q_ptr: q [Hq, HD], or with FUSED the qkv vector [(Hq + 2 Hkv) * HD]
     h = tl.program_id(0)
     split = tl.program_id(1)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()   # every program waits (see the notes on PDL above)
+    # The position and the cache rows before it come from earlier graph replays, never from
+    # the kernels just before this one, so they are read before the PDL wait: the first K/V
+    # tile streams in while the qkv GEMV finishes. Row pos is written below, after the wait.
     pos = tl.load(pos_ptr)
     L = pos + 1
     chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
     chunk = tl.where(L <= SINGLE_MAX, SINGLE_MAX, chunk)  # short contexts: one program per kv head
     n_active = tl.cdiv(L, chunk)
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)  # start >= end for splits with no rows
+    d = tl.arange(0, HD)
+    k_base = k_ptr + h * stride_kh + d[None, :]
+    v_base = v_ptr + h * stride_vh + d[None, :]
+    t = start + tl.arange(0, BLOCK_S)  # [BLOCK_S] rows of the first tile
+    old_rows = ((t < end) & (t < pos))[:, None]
+    k0 = tl.load(k_base + t[:, None] * stride_kt, mask=old_rows, other=0.0)  # [BLOCK_S, HD]
+    v0 = tl.load(v_base + t[:, None] * stride_vt, mask=old_rows, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()   # every program waits (see the notes on PDL above)
     if split >= n_active:
         return                     # no rows for this split (exiting also counts as the PDL trigger)
-    start = split * chunk
-    end = tl.minimum(start + chunk, L)
 
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, HD)
     qh = h * G + g                                                   # [BLOCK_G] query heads
     g_ok = g < G
     if FUSED:
@@ -841,24 +860,20 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     else:
         q = tl.load(q_ptr + qh[:, None] * HD + d[None, :], mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HD]
 
+    if start + BLOCK_S > pos:  # the first tile holds row pos: read it again, now written
+        k0 = tl.load(k_base + t[:, None] * stride_kt, mask=(t < end)[:, None], other=0.0)
+        v0 = tl.load(v_base + t[:, None] * stride_vt, mask=(t < end)[:, None], other=0.0)
+
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)   # running max (log2 domain)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)                  # running sum of exp2
     acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)            # unnormalized output
-    k_base = k_ptr + h * stride_kh + d[None, :]
-    v_base = v_ptr + h * stride_vh + d[None, :]
-    for t0 in range(start, end, BLOCK_S):
+    m, l, acc = _attend_tile(q, k0, v0, t < end, m, l, acc, qk_scale)
+    for t0 in range(start + BLOCK_S, end, BLOCK_S):
         t = t0 + tl.arange(0, BLOCK_S)                             # [BLOCK_S] cache rows
         t_ok = t < end
         k = tl.load(k_base + t[:, None] * stride_kt, mask=t_ok[:, None], other=0.0)  # [BLOCK_S, HD]
         v = tl.load(v_base + t[:, None] * stride_vt, mask=t_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                      # [BLOCK_G, BLOCK_S]
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid row
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = _attend_tile(q, k, v, t_ok, m, l, acc, qk_scale)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()   # after the streaming (see above)
 
@@ -1209,7 +1224,7 @@ def set_params(state, temperature, top_k=0, top_p=1.0, seed=0):
     state.step.zero_()
 
 
-def sample_step(logits, state, scratch, greedy_only=False):
+def sample_step(logits, state, scratch, greedy_only=False, use_pdl=False):
     """Sample one token from logits (fp32, [V] or [1, V], contiguous) into state.tok, then
     ring[step % R] = tok, pos += 1, step += 1.
 
@@ -1229,21 +1244,25 @@ def sample_step(logits, state, scratch, greedy_only=False):
         scratch.ints, scratch.floats, scratch.counters, scratch.count_bins,
         scratch.part_val, scratch.part_idx, scratch.part_z,
         V, BLOCK=block, NUM_PARTS=parts, GREEDY_ONLY=greedy_only,
-        SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=FIRST_PASS, num_warps=4)
+        SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=FIRST_PASS, USE_PDL=use_pdl, launch_pdl=use_pdl,
+        num_warps=4)
     if greedy_only:
         return
     for counter, (shift, bits) in zip((TOPK_PASS_1, TOPK_PASS_2), DIGITS[1:]):
         _topk_pass_kernel[grid](
             logits, *settings, scratch.ints, scratch.counters, scratch.count_bins,
-            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, num_warps=4)
+            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, USE_PDL=use_pdl, launch_pdl=use_pdl,
+            num_warps=4)
     for counter, (shift, bits) in zip((TOPP_PASS_0, TOPP_PASS_1, TOPP_PASS_2), DIGITS):
         _topp_pass_kernel[grid](
             logits, *settings, scratch.ints, scratch.floats, scratch.counters, scratch.mass_bins,
-            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, num_warps=4)
+            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, USE_PDL=use_pdl, launch_pdl=use_pdl,
+            num_warps=4)
     _gumbel_kernel[grid](
         logits, *settings, state.seed, *outputs,
         scratch.ints, scratch.counters, scratch.part_val, scratch.part_idx,
-        V, BLOCK=block, NUM_PARTS=parts, COUNTER=GUMBEL_PASS, num_warps=4)
+        V, BLOCK=block, NUM_PARTS=parts, COUNTER=GUMBEL_PASS, USE_PDL=use_pdl, launch_pdl=use_pdl,
+        num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1347,8 +1366,10 @@ def _first_pass_kernel(
     ints_ptr, floats_ptr, counters_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
     V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, GREEDY_ONLY: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """argmax / max of the logits (+ Z when top-p runs without top-k) and the first top-k digit."""
+    _pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < V
@@ -1408,8 +1429,10 @@ def _first_pass_kernel(
 def _topk_pass_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, counters_ptr, count_bins_ptr,
     V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One more digit of the top-k threshold: the largest key t with count(key >= t) >= k."""
+    _pdl_wait(USE_PDL)
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
     if topk_on:
         pid = tl.program_id(0)
@@ -1438,8 +1461,10 @@ def _topp_pass_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, floats_ptr, counters_ptr,
     mass_bins_ptr,
     V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One digit of the top-p threshold: the largest key t with mass(key >= t) >= top_p * Z_k."""
+    _pdl_wait(USE_PDL)
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
     if topp_on:
         pid = tl.program_id(0)
@@ -1492,8 +1517,10 @@ def _gumbel_kernel(
     tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
     ints_ptr, counters_ptr, part_val_ptr, part_idx_ptr,
     V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, COUNTER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """token = argmax over allowed i of (s_i + Gumbel_i); the last program writes the outputs."""
+    _pdl_wait(USE_PDL)
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
     if sampling:
         pid = tl.program_id(0)
@@ -1625,7 +1652,7 @@ class FastDecoder:
             rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, use_pdl=pdl)
             gemv_add(self.act, L.down, self.h, use_pdl=pdl)
         rmsnorm_gemv(self.h, w.norm, w.lm_head, self.logits, eps, use_pdl=pdl)
-        sample_step(self.logits, s, self.sampler_scratch)
+        sample_step(self.logits, s, self.sampler_scratch, use_pdl=pdl)
 
     def capture(self):
         """Record run_step into a CUDA graph. Two eager steps first compile every kernel;
