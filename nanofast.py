@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -1970,6 +1971,7 @@ def download_default(model_dir: str):
     try:
         snapshot_download(DEFAULT_REPO, local_dir=partial, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)  # leave nothing half-downloaded behind
         raise NanofastError(f"download failed ({e.__class__.__name__}); fetch it with: {cmd}") from None
     os.replace(partial, model_dir)
 
