@@ -1225,12 +1225,11 @@ def set_params(state, temperature, top_k=0, top_p=1.0, seed=0):
     state.step.zero_()
 
 
-def sample_step(logits, state, scratch, greedy_only=False, use_pdl=False):
+def sample_step(logits, state, scratch, use_pdl=False):
     """Sample one token from logits (fp32, [V] or [1, V], contiguous) into state.tok, then
     ring[step % R] = tok, pos += 1, step += 1.
 
-    Always the same launches (capturable). greedy_only=True launches only the first kernel and
-    always takes the argmax: for a graph captured for greedy generations only.
+    Always the same launches (capturable).
     """
     logits = logits.reshape(-1)  # a view: [1, V] -> [V]
     V, block = scratch.vocab, scratch.block
@@ -1244,11 +1243,9 @@ def sample_step(logits, state, scratch, greedy_only=False, use_pdl=False):
         logits, *settings, *outputs,
         scratch.ints, scratch.floats, scratch.counters, scratch.count_bins,
         scratch.part_val, scratch.part_idx, scratch.part_z,
-        V, BLOCK=block, NUM_PARTS=parts, GREEDY_ONLY=greedy_only,
+        V, BLOCK=block, NUM_PARTS=parts,
         SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=FIRST_PASS, USE_PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=4)
-    if greedy_only:
-        return
     for counter, (shift, bits) in zip((TOPK_PASS_1, TOPK_PASS_2), DIGITS[1:]):
         _topk_pass_kernel[grid](
             logits, *settings, scratch.ints, scratch.counters, scratch.count_bins,
@@ -1365,7 +1362,7 @@ def _first_pass_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
     tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
     ints_ptr, floats_ptr, counters_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
-    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, GREEDY_ONLY: tl.constexpr,
+    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -1405,7 +1402,7 @@ def _first_pass_kernel(
                                      return_indices_tie_break_left=True)
         argmax = tl.sum(tl.where(j == best_part, idxs, 0), axis=0)
         tl.store(ints_ptr + I_ARGMAX, argmax)
-        if (t == 0.0) | GREEDY_ONLY:
+        if t == 0.0:
             _emit_token(argmax, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
         if sampling:
             s_max = tl.math.div_rn(best_val, t)
