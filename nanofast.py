@@ -1279,6 +1279,15 @@ def _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V):
 
 
 @triton.jit
+def _logits_block(logits_ptr, V, BLOCK: tl.constexpr):
+    """Program pid's BLOCK logits [pid * BLOCK, (pid + 1) * BLOCK), -inf past the vocabulary."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < V
+    return pid, offs, valid, tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _scores_and_keys(x, t):
     """s = x / t rounded as torch rounds it, and key = order-preserving uint32 image of s."""
     s = tl.math.div_rn(x, t)  # plain "/" is approximate on GPU; HF's cut-offs need the exact s
@@ -1368,10 +1377,7 @@ def _first_pass_kernel(
 ):
     """argmax / max of the logits (+ Z when top-p runs without top-k) and the first top-k digit."""
     _pdl_wait(USE_PDL)
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < V
-    x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)  # [BLOCK]
+    pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)  # this program's slice
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
 
     # Lowest index among equal maxima, here and across programs below.
@@ -1433,10 +1439,7 @@ def _topk_pass_kernel(
     _pdl_wait(USE_PDL)
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
     if topk_on:
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < V
-        x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
         _, key = _scores_and_keys(x, t)
         prefix = tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True)
         match = valid & ((key >> (SHIFT + BITS)) == prefix)
@@ -1465,10 +1468,7 @@ def _topp_pass_kernel(
     _pdl_wait(USE_PDL)
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
     if topp_on:
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < V
-        x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
         s, key = _scores_and_keys(x, t)
         w = tl.exp(s - tl.load(floats_ptr + F_SMAX))  # unnormalised probability, <= 1
 
@@ -1521,10 +1521,7 @@ def _gumbel_kernel(
     _pdl_wait(USE_PDL)
     t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
     if sampling:
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < V
-        x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
         s, key = _scores_and_keys(x, t)
         threshold = tl.where(topp_on, tl.load(ints_ptr + I_TOPP_PREFIX),
                              tl.load(ints_ptr + I_TOPK_PREFIX)).to(tl.uint32, bitcast=True)
