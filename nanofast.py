@@ -783,8 +783,8 @@ def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, 
 #
 # Stages: a program streams at most (bytes in flight) / (memory latency), so each keeps
 # num_stages - 1 tiles of K and V (32 KB per tile at head_dim 128) loading while it uses
-# one. 4 stages against 3, 0.6B step on an H200: 691 vs 717 us at 300 tokens, 760 vs 787
-# at 4K, 1,543 vs 1,744 at 32K; no change at 128.
+# one. 4 stages against 3, 0.6B step on an H200 (means of two runs): 694 vs 717 us at
+# 300 tokens, 760 vs 787 at 4K, 1,543 vs 1,744 at 32K; no change at 128.
 
 @triton.jit
 def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl.constexpr):
