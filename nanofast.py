@@ -20,7 +20,8 @@ hundreds of small launches from Python leaves the GPU idle most of the time. So:
   is also the reference the fast path is tested against.
 
 The sections below follow the data: config, weights, tokenizer, KV cache, model,
-sampling, GPU kernels, fast decoder, engine, CLI.
+sampling, GPU kernels (embedding, GEMVs, attention, sampler), prefill on CUDA, fast
+decoder, engine, CLI.
 """
 from __future__ import annotations
 
@@ -280,7 +281,8 @@ class Tokenizer:
             self.tok = _Tokenizer.from_file(path)
         except Exception as e:
             raise NanofastError(f"{path}: cannot load tokenizer ({e})") from None
-        self.eos_ids = generation_defaults(model_dir)["eos_ids"]
+        self.generation = generation_defaults(model_dir)  # sampling defaults and stop ids
+        self.eos_ids = self.generation["eos_ids"]
 
     def encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -437,8 +439,9 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 # previous one is still running. It calls gdc_wait() before touching anything an earlier
 # kernel wrote; weights never change, so a GEMV loads its first weight tile before the
 # wait. All stores come after the wait. Every program waits, even one with no work, so
-# "the previous kernel finished" implies "every earlier kernel finished". The interpreter
-# cannot run PDL: keep it off there.
+# "the previous kernel finished" implies "every earlier kernel finished". A kernel lets the
+# next one launch (gdc_launch_dependents) only after its own wait, so at most two kernels
+# are resident and a waiting third never takes SM slots. The interpreter cannot run PDL.
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -451,23 +454,14 @@ def num_sms():
     return 132  # H100 SXM
 
 
-def _check_pdl(use_pdl):
-    assert not (use_pdl and _INTERPRET), "PDL needs a real sm_90 GPU; the interpreter cannot run it"
-
-
 @triton.jit
 def _pdl_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
-        # Wait for the previous kernel (and its memory) to finish, then let the next
-        # kernel start launching. Triggering only after our own wait keeps at most two
-        # kernels resident, so a waiting third one never steals SM slots.
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
 
-# ---------------------------------------------------------------------------
-# 1. embedding lookup
-# ---------------------------------------------------------------------------
+# --- 1. embedding lookup
 
 @triton.jit
 def _embed_kernel(tok_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
@@ -480,22 +474,19 @@ def _embed_kernel(tok_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.con
 
 def embed(tok, E, h, use_pdl=False):
     """tok int32[1], E [V, D], h fp32[D]  ->  h = E[tok]"""
-    _check_pdl(use_pdl)
     D = E.shape[1]
-    BLOCK = 1024
-    _embed_kernel[(triton.cdiv(D, BLOCK),)](tok, E, h, D, BLOCK=BLOCK, USE_PDL=use_pdl,
-                                            launch_pdl=use_pdl, num_warps=4)
+    _embed_kernel[(triton.cdiv(D, 1024),)](tok, E, h, D, BLOCK=1024, USE_PDL=use_pdl, launch_pdl=use_pdl,
+                                          num_warps=4)
 
 
-# ---------------------------------------------------------------------------
-# GEMV building blocks
-# ---------------------------------------------------------------------------
-# N and K are constexpr: each weight shape compiles once, and when the blocks
-# divide the shape evenly (all Qwen3 shapes) the loads carry no masks at all.
-# The K loop is software-pipelined by hand: tile i+1 is loaded before tile i
-# is used, so every thread keeps two tiles of 16-byte loads in flight. The last
-# tile is peeled off so the prefetch never runs past the program's K range.
-# The accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
+# --- GEMV building blocks
+#
+# A GEMV at batch size 1 is pure weight streaming. N and K are constexpr: each weight
+# shape compiles once, and when the blocks divide the shape evenly (all Qwen3 shapes) the
+# loads carry no masks. The K loop is software-pipelined by hand: tile i+1 is loaded
+# before tile i is used, so every thread keeps two tiles of 16-byte loads in flight; the
+# last tile is peeled off so the prefetch never runs past the program's K range. The
+# accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
 
 @triton.jit
 def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -538,55 +529,29 @@ def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K:
     return xn, x * x
 
 
-def _pow2(n):
-    return triton.next_power_of_2(n) == n
+def gemv_config(N, K, split_k=False):
+    """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] bf16 GEMV, launched with 4 warps.
 
-
-# ---------------------------------------------------------------------------
-# GEMV launch heuristic
-# ---------------------------------------------------------------------------
-
-def gemv_config(N, K, split_k=False, sms=None):
-    """Default {BLOCK_N, BLOCK_K, SPLIT_K, num_warps} for an [N, K] bf16 GEMV.
-
-    A GEMV is pure weight streaming. An H100 needs roughly 16-32 KB of loads in
-    flight per SM to saturate HBM, and matrices range from ~4 MB (0.6B o_proj)
-    to ~100 MB (8B gate_up), so:
-      * BLOCK_K = 512 at 4 warps: a warp reads 256 contiguous bf16 of a row,
-        each thread 16 bytes at a time.
-      * BLOCK_N = 8 rows (4 x 16-byte loads per thread per tile, 8 with the
-        prefetched tile) while that still gives >= 3 programs per SM, else 4,
-        to keep every SM busy (16 rows measured slower, lm_head included).
-      * small-N matrices (o_proj, down_proj: N = D) instead split K into up to
-        8 ranges of 256-wide tiles, whose programs atomically add into h.
-    Keep BLOCK_N * BLOCK_K / (32 * num_warps) <= 64 weight elements per thread
-    (<= 32 for rmsnorm_gemv_silu, which holds two tiles): beyond that the
-    tile, its prefetch and the fp32 accumulator spill registers on sm_90.
-    """
-    sms = sms or num_sms()
+    An H100 needs roughly 16-32 KB of loads in flight per SM to saturate HBM, and matrices
+    range from ~4 MB (0.6B o_proj) to ~100 MB (8B gate_up), so:
+      * BLOCK_K = 512: a warp reads 256 contiguous bf16 of a row, 16 bytes per thread;
+      * BLOCK_N = 8 rows while that still gives >= 3 programs per SM, else 4, to keep
+        every SM busy (16 rows measured slower, lm_head included);
+      * small-N matrices (o_proj, down_proj: N = D) instead split K into up to 8 ranges
+        of 256-wide tiles, whose programs add atomically into h.
+    Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for
+    rmsnorm_gemv_silu, which holds two tiles): beyond that the tile, its prefetch and the
+    fp32 accumulator spill registers on sm_90."""
     BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
-    num_warps = 4
-    if split_k:  # 256-wide K tiles in up to 8 splits: measured best for every o_proj/down shape
-        BLOCK_N, BLOCK_K = 8, min(BLOCK_K, 256)
-        SPLIT_K = min(8, triton.cdiv(K, BLOCK_K))
-    else:
-        SPLIT_K = 1
-        BLOCK_N = 8 if triton.cdiv(N, 8) >= 3 * sms else 4
-    return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, num_warps=num_warps)
+    if split_k:
+        BLOCK_K = min(BLOCK_K, 256)
+        return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
+    return (8 if triton.cdiv(N, 8) >= 3 * num_sms() else 4), BLOCK_K, 1
 
 
-def _cfg(N, K, split_k, BLOCK_N, BLOCK_K, SPLIT_K, num_warps):
-    c = gemv_config(N, K, split_k)
-    BLOCK_N, BLOCK_K = BLOCK_N or c["BLOCK_N"], BLOCK_K or c["BLOCK_K"]
-    assert _pow2(BLOCK_N) and _pow2(BLOCK_K)
-    return BLOCK_N, BLOCK_K, SPLIT_K or c["SPLIT_K"], num_warps or c["num_warps"]
-
-
-# ---------------------------------------------------------------------------
-# 2. fused RMSNorm + GEMV:  out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w)
-# ---------------------------------------------------------------------------
-# Every program re-reads x (from L2) and recomputes sum(x^2) in the same loop
-# that uses x, so the norm costs no extra launch and no extra pass.
+# --- 2. fused RMSNorm + GEMV:  out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w)
+# Every program re-reads x (from L2) and recomputes sum(x^2) in the same loop that uses
+# x, so the norm costs no extra launch and no extra pass.
 
 @triton.jit
 def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
@@ -596,8 +561,7 @@ def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
     cols = tl.arange(0, BLOCK_K)                                       # [BLOCK_K]
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # [BLOCK_N, BLOCK_K]
     LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
-    # weights never depend on the previous kernel: start streaming before the wait
-    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
+    w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)              # before the wait: weights are constant
     _pdl_wait(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -615,20 +579,17 @@ def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None, use_pdl=False):
+def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
     """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits)"""
-    _check_pdl(use_pdl)
     N, K = W.shape
-    BLOCK_N, BLOCK_K, _, num_warps = _cfg(N, K, False, BLOCK_N, BLOCK_K, 1, num_warps)
+    bn, bk, _ = gemv_config(N, K)
+    BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
     _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=num_warps)
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
-# ---------------------------------------------------------------------------
-# 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
-# ---------------------------------------------------------------------------
+# --- 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
 
 @triton.jit
 def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
@@ -667,32 +628,24 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
 
 
-def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, num_warps=None,
-                      use_pdl=False):
+def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
     """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up), out [I] (bf16/fp16).
-    BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows; the
-    default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
-    _check_pdl(use_pdl)
+    BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows; the default is
+    the config of the whole [2I, K] matrix with BLOCK_N halved."""
     N2, K = W_gu.shape
     I = N2 // 2
-    c = gemv_config(N2, K)
-    BLOCK_N = BLOCK_N or max(1, c["BLOCK_N"] // 2)
-    BLOCK_K = BLOCK_K or c["BLOCK_K"]
-    num_warps = num_warps or c["num_warps"]
-    assert _pow2(BLOCK_N) and _pow2(BLOCK_K)
+    bn, bk, _ = gemv_config(N2, K)
+    BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk
     _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
         x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=num_warps)
+        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
-# ---------------------------------------------------------------------------
-# 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
-# ---------------------------------------------------------------------------
-# N = D is small and K is large, so K is split into SPLIT_K ranges of KS
-# columns (a multiple of BLOCK_K); program (i, j) adds its partial sums into h
-# with a relaxed fp32 atomic. The kernel boundary orders these adds before any
-# reader. Addition order varies, so the last bits of h vary run to run.
+# --- 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
+# N = D is small and K is large, so K is split into SPLIT_K ranges of KS columns (a
+# multiple of BLOCK_K); program (i, j) adds its partial sums into h with a relaxed fp32
+# atomic. The kernel boundary orders these adds before any reader. Addition order varies,
+# so the last bits of h vary run to run.
 
 @triton.jit
 def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
@@ -720,71 +673,44 @@ def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
         tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
 
 
-def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, num_warps=None, use_pdl=False):
+def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
     """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a"""
-    _check_pdl(use_pdl)
     N, K = W.shape
-    BLOCK_N, BLOCK_K, SPLIT_K, num_warps = _cfg(N, K, True, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)
+    bn, bk, sk = gemv_config(N, K, split_k=True)
+    BLOCK_N, BLOCK_K, SPLIT_K = BLOCK_N or bn, BLOCK_K or bk, SPLIT_K or sk
     KS = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
         a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, USE_PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=num_warps)
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
-# ---------------------------------------------------------------------------
-# 6. split-KV decode attention (flash-decoding) with in-kernel combine,
-#    optionally fused with q/k RMSNorm + RoPE + KV-cache append
-# ---------------------------------------------------------------------------
-# grid = (Hkv, NSPLIT). Program (h, s) handles all G = Hq/Hkv query heads of kv
-# head h (so K/V are read once) over rows [s*chunk, (s+1)*chunk) of 0..L-1.
-# The G query rows are padded to BLOCK_G >= 16 so both products can use tl.dot
-# (tensor cores; the padding is free since this kernel is bandwidth bound).
+# --- 5. decode attention: q/k RMSNorm + RoPE + KV-cache append, then split-KV attention
 #
-# Split rule: chunk = cdiv(L, NSPLIT) rounded up to BLOCK_S, and only the first
-# n_active = cdiv(L, chunk) programs have rows; the others exit right after the
-# PDL wait. A split has a fixed cost (its partial goes to scratch, a gpu-scope
-# atomic, then the last program reads it back: several dependent L2 round
-# trips), so contexts of up to SINGLE_MAX tokens run as one program per kv
-# head, which normalizes and writes the output itself. Measured on an H200,
-# 0.6B heads: L=128 takes 4.0 us that way against 6.2 us split 33 ways, while
-# from a few hundred tokens on, more splits win (L=384: 6.6 us in 6 splits of
-# 64 rows, 8.6 us in 2 of 256).
+# grid = (Hkv, NSPLIT). Program (h, s) serves all G = Hq/Hkv query heads of kv head h (so
+# K/V are read once) over rows [s*chunk, (s+1)*chunk) of 0..L-1, L = pos + 1. The G query
+# rows are padded to BLOCK_G >= 16 so both products use tl.dot (tensor cores; the padding
+# is free in a bandwidth-bound kernel). chunk = cdiv(L, NSPLIT) rounded up to BLOCK_S, and
+# only the first n_active = cdiv(L, chunk) programs have rows. A split has a fixed cost
+# (partials to scratch, an atomic, a merge), so up to SINGLE_MAX tokens one program per kv
+# head does everything and writes the output itself.
 #
-# Combine in the same launch (n_active > 1): each active program writes its
-# partial (m, l, acc) to scratch and bumps counter[h]; the program that arrives
-# last (the n_active-th) merges the n_active partials. Memory ordering: every
-# thread's partial stores precede the CTA barrier (debug_barrier = bar.sync);
-# the counter atomic then runs in one thread with acq_rel at gpu scope.
-# Release is cumulative in the PTX memory model, so all stores ordered before
-# it by the barrier become visible to whichever program later acquires the
-# counter (this is the pattern cooperative-groups grid sync uses:
-# __syncthreads, then one thread's fence + atomic). The last program's acquire
-# is broadcast to its other threads through Triton's shared-memory barrier for
-# scalar atomics; its scratch loads use .cg (L2) so no stale L1 line can be
-# read. It resets counter[h] to 0 for the next graph replay; the kernel
-# boundary orders that store before any later launch.
+# q is normed and rotated here from the qkv GEMV's output. The program whose rows include
+# pos (the last active split) also writes the new token's k and v into cache row pos, then
+# runs a CTA barrier (bar.sync makes a CTA's global stores visible to its threads) before
+# reading that row back. No other program reads row pos, and the next token's kernel is
+# ordered after this one, so nothing else can race.
 #
-# FUSED: q is computed here from the qkv GEMV's output (RMSNorm with q_norm_w,
-# then RoPE at pos) instead of being read from a q buffer, and the program
-# whose rows include pos (the last active split) also writes the new token's
-# normed, rotated k and its v into cache row pos. It then runs a CTA barrier
-# (bar.sync makes a CTA's global stores visible to all its threads) before its
-# loop reads that row back. No other program reads row pos, and the next
-# token's kernel is ordered after this one, so nothing else can race.
+# Merge in the same launch: each active program writes its partial (m, l, acc) to scratch,
+# runs a CTA barrier, then one thread bumps counter[h] with acq_rel at gpu scope (release is
+# cumulative, so every thread's stores are published: the pattern of cooperative groups'
+# grid sync). The program that arrives last merges the n_active partials, reading them with
+# .cg loads (L2, never a stale L1 line), and resets counter[h] for the next replay.
 #
-# PDL: the kernel waits at the top but lets the next kernel launch only after its
-# main loop. Triggering right after the wait (as the GEMVs do) was slower at every
-# context measured on an H200 (0.6B step: 708 vs 716 us at 128 tokens, 735 vs 763 at
-# 1K; attention alone at 32K: 37 vs 47 us): with 70 KB of shared memory per program
-# (3 stages then) an SM fit 3, and the next kernel's waiting programs take whichever
-# slots free first, so some SMs end up streaming more chunks than others.
-#
-# Stages: a program streams at most (bytes in flight) / (memory latency), so each keeps
-# num_stages - 1 tiles of K and V (32 KB per tile at head_dim 128) loading while it uses
-# one. 4 stages against 3, 0.6B step on an H200 (means of two runs): 694 vs 717 us at
-# 300 tokens, 760 vs 787 at 4K, 1,543 vs 1,744 at 32K; no change at 128.
+# The cache rows before pos come from earlier replays, so the first K/V tile is loaded
+# before the PDL wait; the next kernel may launch only after the main loop (earlier, its
+# waiting programs took SM slots from the streaming ones). num_stages=4 keeps three K/V
+# tiles in flight while one is used. The README's table has the measurements.
 
 @triton.jit
 def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl.constexpr):
@@ -818,19 +744,15 @@ def _attend_tile(q, k, v, t_ok, m, l, acc, qk_scale):
 
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+def _decode_attn_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
                         k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, qk_scale, eps,
                         stride_kt, stride_kh, stride_vt, stride_vh,
                         G: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, SINGLE_MAX: tl.constexpr,
-                        COMB: tl.constexpr, FUSED: tl.constexpr, USE_PDL: tl.constexpr):
-    # q_ptr: q [Hq, HD], or with FUSED the qkv vector [(Hq + 2 Hkv) * HD]
+                        COMB: tl.constexpr, USE_PDL: tl.constexpr):
     h = tl.program_id(0)
     split = tl.program_id(1)
-    # The position and the cache rows before it come from earlier graph replays, never from
-    # the kernels just before this one, so they are read before the PDL wait: the first K/V
-    # tile streams in while the qkv GEMV finishes. Row pos is written below, after the wait.
-    pos = tl.load(pos_ptr)
+    pos = tl.load(pos_ptr)  # written by an earlier replay's sampler: safe before the PDL wait
     L = pos + 1
     chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
     chunk = tl.where(L <= SINGLE_MAX, SINGLE_MAX, chunk)  # short contexts: one program per kv head
@@ -845,27 +767,23 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     k0 = tl.load(k_base + t[:, None] * stride_kt, mask=old_rows, other=0.0)  # [BLOCK_S, HD]
     v0 = tl.load(v_base + t[:, None] * stride_vt, mask=old_rows, other=0.0)
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()   # every program waits (see the notes on PDL above)
+        tl.extra.cuda.gdc_wait()   # every program waits, even one with no rows
     if split >= n_active:
         return                     # no rows for this split (exiting also counts as the PDL trigger)
 
     g = tl.arange(0, BLOCK_G)
     qh = h * G + g                                                   # [BLOCK_G] query heads
     g_ok = g < G
-    if FUSED:
-        HQ: tl.constexpr = G * HKV
-        q = _norm_rope(q_ptr, qh[:, None], d[None, :], qw_ptr, cos_ptr, sin_ptr, pos, eps,
-                       g_ok[:, None], HD).to(k_ptr.dtype.element_ty)  # rounded like a stored q
-        if split == n_active - 1:  # our rows include pos: append the new token's k and v
-            k_new = _norm_rope(q_ptr, tl.full([1, 1], HQ, tl.int32) + h, d[None, :], kw_ptr, cos_ptr,
-                               sin_ptr, pos, eps, d[None, :] < HD, HD)  # [1, HD]
-            v_new = tl.load(q_ptr + (HQ + HKV + h) * HD + d)
-            tl.store(k_ptr + pos * stride_kt + h * stride_kh + d[None, :], k_new.to(k_ptr.dtype.element_ty))
-            tl.store(v_ptr + pos * stride_vt + h * stride_vh + d, v_new.to(v_ptr.dtype.element_ty))
-            tl.debug_barrier()     # all our threads now see row pos in the cache
-    else:
-        q = tl.load(q_ptr + qh[:, None] * HD + d[None, :], mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HD]
-
+    HQ: tl.constexpr = G * HKV
+    q = _norm_rope(qkv_ptr, qh[:, None], d[None, :], qw_ptr, cos_ptr, sin_ptr, pos, eps,
+                   g_ok[:, None], HD).to(k_ptr.dtype.element_ty)  # rounded like a stored q
+    if split == n_active - 1:  # our rows include pos: append the new token's k and v
+        k_new = _norm_rope(qkv_ptr, tl.full([1, 1], HQ, tl.int32) + h, d[None, :], kw_ptr, cos_ptr,
+                           sin_ptr, pos, eps, d[None, :] < HD, HD)  # [1, HD]
+        v_new = tl.load(qkv_ptr + (HQ + HKV + h) * HD + d)
+        tl.store(k_ptr + pos * stride_kt + h * stride_kh + d[None, :], k_new.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + pos * stride_vt + h * stride_vh + d, v_new.to(v_ptr.dtype.element_ty))
+        tl.debug_barrier()     # all our threads now see row pos in the cache
     if start + BLOCK_S > pos:  # the first tile holds row pos: read it again, now written
         k0 = tl.load(k_base + t[:, None] * stride_kt, mask=(t < end)[:, None], other=0.0)
         v0 = tl.load(v_base + t[:, None] * stride_vt, mask=(t < end)[:, None], other=0.0)
@@ -881,7 +799,7 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
         v = tl.load(v_base + t[:, None] * stride_vt, mask=t_ok[:, None], other=0.0)
         m, l, acc = _attend_tile(q, k, v, t_ok, m, l, acc, qk_scale)
     if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()   # after the streaming (see above)
+        tl.extra.cuda.gdc_launch_dependents()
 
     if n_active == 1:  # the only split: finish here, no scratch, no atomic
         res = acc / l[:, None]
@@ -920,66 +838,402 @@ def _decode_attn_kernel(q_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
             tl.store(cnt_ptr + h, 0)
 
 
-def attention_nsplit(Hkv, sms=None):
-    """Default number of KV splits: about 2 programs per SM."""
-    sms = sms or num_sms()
-    return max(1, triton.cdiv(2 * sms, Hkv))
-
-
 def make_attention_scratch(Hq, Hkv, hd, nsplit, device):
-    """Preallocated split-KV scratch: (m [Hq, nsplit], l [Hq, nsplit],
-    acc [Hq, nsplit, hd], counter int32[Hkv] = 0). Shareable by all layers."""
+    """Split-KV scratch, shared by all layers: m, l [Hq, nsplit], acc [Hq, nsplit, hd] and
+    the arrival counters int32[Hkv] = 0. nsplit is the grid's second dimension."""
     f32 = dict(dtype=torch.float32, device=device)
     return (torch.empty(Hq, nsplit, **f32), torch.empty(Hq, nsplit, **f32),
             torch.empty(Hq, nsplit, hd, **f32), torch.zeros(Hkv, dtype=torch.int32, device=device))
 
 
-def _launch_attention(qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps, Hq, hd,
-                      fused, BLOCK_S, num_warps, num_stages, use_pdl, single_max):
-    _check_pdl(use_pdl)
-    Hkv = k_cache.shape[1]
-    G = Hq // Hkv
-    m_s, l_s, acc_s, cnt = scratch
-    nsplit = m_s.shape[1]
-    assert Hq % Hkv == 0 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
-    assert m_s.shape == (Hq, nsplit) and acc_s.shape == (Hq, nsplit, hd) and cnt.numel() >= Hkv
-    _decode_attn_kernel[(Hkv, nsplit)](
-        qsrc, qw, kw, cos, sin, pos, k_cache, v_cache, out, m_s, l_s, acc_s, cnt, scale * LOG2E, eps,
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        G=G, HKV=Hkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, NSPLIT=nsplit,
-        SINGLE_MAX=single_max, COMB=min(32, triton.next_power_of_2(nsplit)), FUSED=fused,
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=num_warps, num_stages=num_stages)
-
-
-def decode_attention(q, k_cache, v_cache, pos, out, scratch, scale, BLOCK_S=64, num_warps=4,
-                     num_stages=4, use_pdl=False, single_max=256):
-    """q [Hq, hd], k_cache/v_cache [S, Hkv, hd], pos int32[1] (attends rows 0..pos),
-    out [Hq*hd], scratch from make_attention_scratch (its shape fixes NSPLIT).
-    num_stages=4 keeps three K/V tiles in flight (cp.async) while one is used (see above).
-    single_max: contexts up to this many tokens run as one program per kv head."""
-    Hq, hd = q.shape
-    assert q.is_contiguous()
-    _launch_attention(q, q, q, q, q, pos, k_cache, v_cache, out, scratch, scale, 0.0, Hq, hd, False,
-                      BLOCK_S, num_warps, num_stages, use_pdl, single_max)
-
-
-def attention_decode_fused(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch,
-                           scale, eps, BLOCK_S=64, num_warps=4, num_stages=4, use_pdl=False,
-                           single_max=256):
-    """q/k RMSNorm + RoPE + KV-cache append + decode_attention, in one launch.
-    qkv [(Hq+2Hkv)*hd] (the qkv GEMV's output), q/k_norm_w [hd], cos/sin fp32
-    [max_pos, hd/2], pos int32[1]; writes k/v cache row pos, then attends rows
-    0..pos; out [Hq*hd]. Hq is taken from out. Other arguments as decode_attention."""
+def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps,
+                     BLOCK_S=64, single_max=256, use_pdl=False):
+    """qkv [(Hq+2Hkv)*hd] (the qkv GEMV's output), q/k_norm_w [hd], cos/sin fp32 [max_pos, hd/2],
+    pos int32[1], k_cache/v_cache [S, Hkv, hd], out [Hq*hd], scratch from make_attention_scratch.
+    Writes k/v cache row pos, then attends rows 0..pos. Up to single_max tokens one program
+    per kv head does it all."""
     Hkv, hd = k_cache.shape[1], k_cache.shape[2]
     Hq = out.numel() // hd
-    assert qkv.is_contiguous() and qkv.numel() == (Hq + 2 * Hkv) * hd
-    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd // 2
-    _launch_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, scratch, scale, eps,
-                      Hq, hd, True, BLOCK_S, num_warps, num_stages, use_pdl, single_max)
+    m_s, l_s, acc_s, cnt = scratch
+    nsplit = m_s.shape[1]
+    assert qkv.is_contiguous() and qkv.numel() == (Hq + 2 * Hkv) * hd and Hq % Hkv == 0
+    assert cos.is_contiguous() and cos.shape[1] == hd // 2 and k_cache.stride(2) == v_cache.stride(2) == 1
+    _decode_attn_kernel[(Hkv, nsplit)](
+        qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, m_s, l_s, acc_s, cnt, scale * LOG2E, eps,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        G=Hq // Hkv, HKV=Hkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_S=BLOCK_S,
+        NSPLIT=nsplit, SINGLE_MAX=single_max, COMB=min(32, triton.next_power_of_2(nsplit)),
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4, num_stages=4)
 
 
-# --- prefill: row kernels
-# Prefill runs outside the graph, through cuBLAS and FlashInfer; these three kernels
+# --- 6. the sampler, inside the graph
+#
+# Sampler.sample() launches the same 7 kernels on every call, each on one grid of
+# cdiv(V, BLOCK) programs (program pid owns logits [pid*BLOCK, (pid+1)*BLOCK)): a first
+# pass (argmax, max, and the first top-k digit), two more top-k digits, three top-p
+# digits, and a Gumbel draw that writes tok, ring, pos and step. Nothing is allocated and
+# the host reads nothing, so the sequence is captured once; the settings live in device
+# memory, and kernels the settings do not need return right after reading them.
+#
+# Semantics are transformers': scores = logits / temperature; top-k keeps scores >= the
+# k-th largest (ties kept); top-p, on the softmax over the top-k survivors, keeps a token
+# iff the mass of the tokens scored strictly higher is < top_p; then sample from the
+# softmax over the kept tokens.
+#
+# * Keys. key(s) is the order-preserving uint32 image of the fp32 score (negative: flip
+#   all bits; positive: flip the sign bit; -0.0 counts as +0.0), so each filter becomes a
+#   threshold on the key: allowed = {i : key_i >= threshold}, ties included.
+# * Radix select. The threshold is found digit by digit, most significant first. Each
+#   pass histograms the elements whose higher bits equal the prefix found so far (counts
+#   for top-k, mass exp(s - s_max) for top-p); the program that finishes last (it draws
+#   the last ticket of an acq_rel counter, so it sees every other program's atomics)
+#   finds the bin that holds the k-th element, or where the mass reaches top_p * Z_k,
+#   extends the prefix, and zeroes the bins and the counter for the next pass.
+# * Top-p candidates. Token i cannot survive top-p if n * w_i <= (1 - top_p) * Z_k, with
+#   w_i = exp(s_i - s_max) and n the size of the top-k set: the tokens at or below it hold
+#   at most that mass. Leaving them out of the histograms cannot move the threshold, and
+#   for real logits only a few hundred remain. Z_k >= 1 with top-k on (the max is in the
+#   set), Z_k = Z (summed in the first pass) without; half that floor covers rounding.
+# * Gumbel-max. argmax_i (s_i + g_i), g_i = -log(-log(u_i)), is an exact sample of the
+#   softmax over the set the argmax runs over; u_i = Philox(key seed, counter (step, i)).
+
+# Radix digits (shift, bits), 8 + 12 + 12 = 32 key bits. Every element takes part in the
+# first top-k digit, so it is narrow (256 bins) and reduced inside each program with
+# tl.histogram; later passes see only the elements that share the prefix (usually a few),
+# so wide digits with direct atomics keep the passes at 3.
+DIGITS = ((24, 8), (12, 12), (0, 12))
+MAX_BINS = 1 << 12
+
+# Scalar slots of Sampler.ints and Sampler.floats.
+I_ARGMAX = tl.constexpr(0)       # argmax of the logits
+I_TOPK_PREFIX = tl.constexpr(1)  # top-k key prefix found so far; after the last pass: the threshold
+I_TOPK_ABOVE = tl.constexpr(2)   # number of elements with a key above the prefix range
+I_TOPK_COUNT = tl.constexpr(3)   # number of elements kept by top-k (V when top-k is off)
+I_TOPP_PREFIX = tl.constexpr(4)  # the same for top-p
+F_SMAX = tl.constexpr(0)         # max score, s_max = max(logits) / T
+F_Z = tl.constexpr(1)            # sum exp(s - s_max) over all V (only when top-p is on, top-k off)
+F_ZK = tl.constexpr(2)           # sum exp(s - s_max) over the top-k set; atomically accumulated
+F_TOPP_TARGET = tl.constexpr(3)  # top_p * Z_k
+F_TOPP_ABOVE = tl.constexpr(4)   # mass of the elements above the top-p prefix range
+
+
+@triton.jit
+def _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V):
+    t = tl.load(temperature_ptr)
+    k = tl.load(top_k_ptr)
+    p = tl.maximum(tl.load(top_p_ptr), 0.0)
+    sampling = t > 0.0
+    topk_on = sampling & (k > 0) & (k < V)   # k >= V keeps everything, like k = 0
+    topp_on = sampling & (p < 1.0)
+    return t, k, p, sampling, topk_on, topp_on
+
+
+@triton.jit
+def _logits_block(logits_ptr, V, BLOCK: tl.constexpr):
+    """Program pid's BLOCK logits [pid * BLOCK, (pid + 1) * BLOCK), -inf past the vocabulary."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < V
+    return pid, offs, valid, tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _scores_and_keys(x, t):
+    """s = x / t rounded as torch rounds it, and key = order-preserving uint32 image of s."""
+    s = tl.math.div_rn(x, t)  # plain "/" is approximate on GPU; HF's cut-offs need the exact s
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 for torch, so both must get the same key
+    bits = s.to(tl.uint32, bitcast=True)
+    negative = (bits.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True)  # 0 or ~0
+    key = bits ^ (negative | 0x80000000)
+    return s, key
+
+
+@triton.jit
+def _digit(key, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    return ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _add_to_bins(bins_ptr, digit, val, mask, NBINS: tl.constexpr):
+    """bins[digit] += val for the masked elements of this block, with atomics.
+
+    Atomics on one address serialise in L2, and ties or flat tails put many elements in one bin.
+    So this block's lowest and highest bins are summed here and sent as one atomic each.
+    """
+    lo = tl.min(tl.where(mask, digit, NBINS), axis=0)
+    hi = tl.max(tl.where(mask, digit, -1), axis=0)
+    lo_sum = tl.sum(tl.where(mask & (digit == lo), val, 0), axis=0)
+    hi_sum = tl.sum(tl.where(mask & (digit == hi), val, 0), axis=0)
+    tl.atomic_add(bins_ptr + lo, lo_sum, mask=lo < NBINS, sem="relaxed")
+    tl.atomic_add(bins_ptr + hi, hi_sum, mask=(hi >= 0) & (hi != lo), sem="relaxed")
+    rest = mask & (digit != lo) & (digit != hi)
+    tl.atomic_add(bins_ptr + digit, val, mask=rest, sem="relaxed")
+
+
+@triton.jit
+def _is_last_program(counter_ptr):
+    """Take a ticket; True in the program that finishes last.
+
+    The barrier makes every thread's stores and atomics precede the ticket, which is taken with
+    release semantics; the acquire half makes the last program see every other program's.
+    """
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    return ticket == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _scan_bins(bins_ptr, NBINS: tl.constexpr, above, target):
+    """Find the highest digit d with above + sum(bins[d:]) >= target, then zero the bins.
+
+    Returns (d, above + sum(bins[d+1:]), bins[d]). If rounding in the mass sums left the target
+    unreached, falls back to the lowest non-empty bin (keeps more tokens rather than none).
+    Called by the last program only; volatile loads bypass L1 so no stale line is read.
+    """
+    j = tl.arange(0, NBINS)                                   # j = NBINS-1-d: top bin first
+    vals = tl.load(bins_ptr + (NBINS - 1 - j), volatile=True)
+    reached = (above + tl.cumsum(vals, axis=0)) >= target     # above + sum(bins[NBINS-1-j:])
+    j_hit = tl.min(tl.where(reached, j, NBINS), axis=0)
+    j_low = tl.max(tl.where(vals > 0, j, 0), axis=0)
+    j_hit = tl.where(j_hit < NBINS, j_hit, j_low)
+    higher = tl.sum(tl.where(j < j_hit, vals, 0), axis=0)
+    at = tl.sum(tl.where(j == j_hit, vals, 0), axis=0)
+    tl.store(bins_ptr + j, tl.zeros([NBINS], vals.dtype))
+    return NBINS - 1 - j_hit, above + higher, at
+
+
+@triton.jit
+def _best_of_parts(val_ptr, idx_ptr, NUM_PARTS: tl.constexpr):
+    """(value, index) of the best of the programs' partial results, the lowest index among ties,
+    and every part's value. Called by the last program; volatile loads bypass L1."""
+    j = tl.arange(0, NUM_PARTS)
+    live = j < tl.num_programs(0)
+    vals = tl.load(val_ptr + j, mask=live, other=float("-inf"), volatile=True)
+    idxs = tl.load(idx_ptr + j, mask=live, other=0, volatile=True)
+    best, part = tl.max(vals, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    return best, tl.sum(tl.where(j == part, idxs, 0), axis=0), vals
+
+
+@triton.jit
+def _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size):
+    step = tl.load(step_ptr)
+    tl.store(tok_ptr, token)
+    tl.store(ring_ptr + step % ring_size, token)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    tl.store(step_ptr, step + 1)
+
+
+@triton.jit
+def _first_pass_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
+    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
+    ints_ptr, floats_ptr, counters_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
+    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr,
+    SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """argmax / max of the logits (+ Z when top-p runs without top-k) and the first top-k digit."""
+    _pdl_wait(USE_PDL)
+    pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+
+    # Lowest index among equal maxima, here and across programs below.
+    x_max, i_max = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(part_val_ptr + pid, x_max)
+    tl.store(part_idx_ptr + pid, pid * BLOCK + i_max)
+
+    if topk_on:
+        _, key = _scores_and_keys(x, t)
+        # Every element counts in this pass: reduce in-program first, then one atomic per bin.
+        hist = tl.histogram(_digit(key, SHIFT, BITS), 1 << BITS, mask=valid)  # [1 << BITS]
+        tl.atomic_add(count_bins_ptr + tl.arange(0, 1 << BITS), hist, mask=hist > 0, sem="relaxed")
+    need_z = topp_on & ~topk_on
+    if need_z:
+        # sum exp(s - local max); the last program rescales each to the global max.
+        s = tl.math.div_rn(x, t)
+        s_local_max = tl.math.div_rn(x_max, t)
+        w = tl.where(s > float("-inf"), tl.exp(s - s_local_max), 0.0)
+        tl.store(part_z_ptr + pid, tl.sum(w, axis=0))
+
+    if _is_last_program(counters_ptr + COUNTER):
+        best_val, argmax, vals = _best_of_parts(part_val_ptr, part_idx_ptr, NUM_PARTS)
+        tl.store(ints_ptr + I_ARGMAX, argmax)
+        if t == 0.0:
+            _emit_token(argmax, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
+        if sampling:
+            s_max = tl.math.div_rn(best_val, t)
+            tl.store(floats_ptr + F_SMAX, s_max)
+            if need_z:
+                j = tl.arange(0, NUM_PARTS)
+                z_parts = tl.load(part_z_ptr + j, mask=j < tl.num_programs(0), other=0.0, volatile=True)
+                s_local_max = tl.math.div_rn(vals, t)
+                z = tl.sum(tl.where(s_local_max > float("-inf"),
+                                    z_parts * tl.exp(s_local_max - s_max), 0.0), axis=0)
+                tl.store(floats_ptr + F_Z, z)
+            if topk_on:
+                d, above, _ = _scan_bins(count_bins_ptr, 1 << BITS, 0, k)
+                tl.store(ints_ptr + I_TOPK_PREFIX, d)
+                tl.store(ints_ptr + I_TOPK_ABOVE, above)
+            else:
+                tl.store(ints_ptr + I_TOPK_PREFIX, 0)  # threshold 0: every key passes
+                tl.store(ints_ptr + I_TOPK_COUNT, V)
+        tl.store(counters_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _radix_pass_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, floats_ptr, counters_ptr, bins_ptr,
+    V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
+    TOPP: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One more digit of a threshold key. Top-k: the largest key t with count(key >= t) >= k.
+    TOPP: the largest t with mass(key >= t) >= top_p * Z_k, over the top-p candidates."""
+    _pdl_wait(USE_PDL)
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+    FIRST: tl.constexpr = SHIFT + BITS == 32  # top-p's first digit: no prefix yet
+    PREFIX: tl.constexpr = I_TOPP_PREFIX if TOPP else I_TOPK_PREFIX
+    on = topk_on
+    if TOPP:
+        on = topp_on
+    if on:
+        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
+        s, key = _scores_and_keys(x, t)
+        cand = valid
+        if TOPP:
+            w = tl.exp(s - tl.load(floats_ptr + F_SMAX))  # unnormalised probability, <= 1
+            in_topk = valid & (key >= tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True))
+            z_bound = tl.where(topk_on, 1.0, tl.load(floats_ptr + F_Z))
+            floor = 0.5 * (1.0 - p) * z_bound / tl.load(ints_ptr + I_TOPK_COUNT).to(tl.float32)
+            cand = in_topk & (w >= floor)  # the top-p candidates (see the notes above)
+            if FIRST:  # also sum Z_k, the mass of the whole top-k set
+                tl.atomic_add(floats_ptr + F_ZK, tl.sum(tl.where(in_topk, w, 0.0), axis=0), sem="relaxed")
+        if not FIRST:
+            prefix = tl.load(ints_ptr + PREFIX).to(tl.uint32, bitcast=True)
+            cand = cand & ((key >> (SHIFT + BITS)) == prefix)
+        if tl.max(cand.to(tl.int32), axis=0) > 0:
+            if TOPP:
+                _add_to_bins(bins_ptr, _digit(key, SHIFT, BITS), w, cand, 1 << BITS)
+            else:
+                _add_to_bins(bins_ptr, _digit(key, SHIFT, BITS), cand.to(tl.int32), cand, 1 << BITS)
+
+        if _is_last_program(counters_ptr + COUNTER):
+            if not TOPP:
+                d, above, at = _scan_bins(bins_ptr, 1 << BITS, tl.load(ints_ptr + I_TOPK_ABOVE), k)
+                tl.store(ints_ptr + I_TOPK_ABOVE, above)
+                tl.store(ints_ptr + I_TOPK_COUNT, above + at)  # final after the last pass
+            elif FIRST:
+                z_topk = tl.load(floats_ptr + F_ZK, volatile=True)
+                tl.store(floats_ptr + F_ZK, 0.0)
+                target = tl.maximum(p * z_topk, 1e-30)  # top_p = 0 still keeps the top token, as HF does
+                tl.store(floats_ptr + F_TOPP_TARGET, target)
+                d, above, _ = _scan_bins(bins_ptr, 1 << BITS, 0.0, target)
+                tl.store(floats_ptr + F_TOPP_ABOVE, above)
+            else:
+                d, above, _ = _scan_bins(bins_ptr, 1 << BITS, tl.load(floats_ptr + F_TOPP_ABOVE),
+                                         tl.load(floats_ptr + F_TOPP_TARGET))
+                tl.store(floats_ptr + F_TOPP_ABOVE, above)
+            if FIRST:
+                tl.store(ints_ptr + PREFIX, d)
+            else:
+                tl.store(ints_ptr + PREFIX, ((prefix << BITS) | d.to(tl.uint32)).to(tl.int32, bitcast=True))
+            tl.store(counters_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _gumbel_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
+    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
+    ints_ptr, counters_ptr, part_val_ptr, part_idx_ptr,
+    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, COUNTER: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """token = argmax over allowed i of (s_i + Gumbel_i); the last program writes the outputs."""
+    _pdl_wait(USE_PDL)
+    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
+    if sampling:
+        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
+        s, key = _scores_and_keys(x, t)
+        threshold = tl.where(topp_on, tl.load(ints_ptr + I_TOPP_PREFIX),
+                             tl.load(ints_ptr + I_TOPK_PREFIX)).to(tl.uint32, bitcast=True)
+        allowed = valid & (key >= threshold)
+
+        best_val = tl.full([], float("-inf"), tl.float32)
+        best_idx = tl.full([], 0, tl.int32)
+        if tl.max(allowed.to(tl.int32), axis=0) > 0:  # with top-k/top-p most blocks skip the RNG
+            step = tl.load(step_ptr)
+            u = tl.rand(tl.load(seed_ptr), (step << 32) + offs.to(tl.int64))
+            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))  # u can be exactly 0
+            score = tl.where(allowed, s + gumbel, float("-inf"))
+            best_val, best_i = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            best_idx = pid * BLOCK + best_i
+        tl.store(part_val_ptr + pid, best_val)
+        tl.store(part_idx_ptr + pid, best_idx)
+
+        if _is_last_program(counters_ptr + COUNTER):
+            top_val, token, _ = _best_of_parts(part_val_ptr, part_idx_ptr, NUM_PARTS)
+            # Only if every allowed score were -inf (all logits -inf): fall back to the argmax.
+            token = tl.where(top_val > float("-inf"), token, tl.load(ints_ptr + I_ARGMAX))
+            _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
+            tl.store(counters_ptr + COUNTER, 0)
+
+
+class Sampler:
+    """The sampler's device memory: settings (rewritten by set_params between generations),
+    outputs (advanced by every sample()) and scratch (left as found by every sample())."""
+
+    def __init__(self, vocab: int, ring_size: int, device, block: int = 1024):
+        self.vocab, self.block, self.num_programs = vocab, block, triton.cdiv(vocab, block)
+        zeros = lambda n, dtype=torch.int32: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        f32 = torch.float32
+        self.temperature = zeros(1, f32)     # 0 = greedy
+        self.top_k = zeros(1)                # 0 = off
+        self.top_p = zeros(1, f32) + 1.0     # 1.0 = off
+        self.seed = zeros(1, torch.int64)
+        self.step = zeros(1, torch.int64)    # tokens sampled in this generation (Philox counter)
+        self.tok = zeros(1)                  # the sampled token, also the next decode step's input
+        self.pos = zeros(1)                  # its position: advanced by one per call
+        self.ring = zeros(ring_size)         # ring[step % ring_size] = token
+        self.ints, self.floats = zeros(8), zeros(8, f32)  # the slots I_* and F_*
+        self.counters = zeros(7)             # one arrival counter per kernel
+        self.count_bins, self.mass_bins = zeros(MAX_BINS), zeros(MAX_BINS, f32)  # top-k, top-p histograms
+        self.part_val = zeros(self.num_programs, f32)  # per program: best value (max logit or Gumbel score)
+        self.part_idx = zeros(self.num_programs)       # and its index
+        self.part_z = zeros(self.num_programs, f32)    # sum exp(s - the program's max)
+
+    def set_params(self, temperature, top_k=0, top_p=1.0, seed=0):
+        """Called between generations, not inside the graph. Also resets step to 0."""
+        if not (temperature >= 0.0 and top_k >= 0 and 0.0 <= top_p <= 1.0):
+            raise ValueError(f"bad sampling params T={temperature} top_k={top_k} top_p={top_p}")
+        self.temperature.fill_(float(temperature))
+        self.top_k.fill_(int(top_k))
+        self.top_p.fill_(float(top_p))
+        self.seed.fill_(int(seed))
+        self.step.zero_()
+
+    def sample(self, logits, use_pdl=False):
+        """One token from fp32 logits ([V] or [1, V], contiguous) into tok; then
+        ring[step % R] = tok, pos += 1, step += 1. Always the same 7 launches."""
+        logits = logits.reshape(-1)
+        assert logits.numel() == self.vocab and logits.is_contiguous()
+        grid, V = (self.num_programs,), self.vocab
+        settings = (self.temperature, self.top_k, self.top_p)
+        outputs = (self.tok, self.pos, self.step, self.ring, self.ring.numel())
+        launch = dict(BLOCK=self.block, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+        parts = triton.next_power_of_2(self.num_programs)
+        _first_pass_kernel[grid](logits, *settings, *outputs, self.ints, self.floats, self.counters,
+                                 self.count_bins, self.part_val, self.part_idx, self.part_z, V, NUM_PARTS=parts,
+                                 SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=0, **launch)
+        passes = [(False, digit) for digit in DIGITS[1:]] + [(True, digit) for digit in DIGITS]
+        for counter, (topp, (shift, bits)) in enumerate(passes, start=1):
+            _radix_pass_kernel[grid](logits, *settings, self.ints, self.floats, self.counters,
+                                     self.mass_bins if topp else self.count_bins, V, SHIFT=shift, BITS=bits,
+                                     COUNTER=counter, TOPP=topp, **launch)
+        _gumbel_kernel[grid](logits, *settings, self.seed, *outputs, self.ints, self.counters, self.part_val,
+                             self.part_idx, V, NUM_PARTS=parts, COUNTER=6, **launch)
+
+
+# -----------------------------------------------------------------------------
+# prefill on CUDA
+#
+# Prefill runs outside the graph, through cuBLAS and FlashInfer. Three row kernels
 # replace the ~50 small torch ops per layer around them (RMSNorm, residual add, q/k norm,
 # RoPE, cache write, SiLU), which cost more in launches than in work. Each repeats the
 # roundings of the plain-torch code it replaces, so prefill computes what forward() does.
@@ -1085,485 +1339,6 @@ def qk_norm_rope_rows(qkv, q_norm_w, k_norm_w, cos, sin, pos: int, q_out, k_cach
     return q_out
 
 
-# --- the sampler, inside the graph
-#
-#
-# sample_step() launches the same 7 Triton kernels on every call:
-#
-#     1. first pass     argmax and max of the logits, and the first top-k radix pass
-#     2-3. top-k        the remaining radix passes of the top-k threshold
-#     4-6. top-p        the radix passes of the top-p threshold
-#     7. Gumbel pass    draws the token among the allowed logits and writes tok / ring / pos / step
-#
-# Nothing is allocated and the host never reads a device value, so the sequence can be captured once
-# in a CUDA graph and replayed for every token. temperature / top_k / top_p / seed live in device
-# memory, so a new generation only rewrites them (set_params); no recapture. Kernels that the current
-# settings do not need return right after reading the settings: greedy does its work in kernel 1,
-# temperature-only in kernels 1 and 7, top-k adds 2-3, top-p adds 4-6.
-#
-# Semantics are Hugging Face's (TemperatureLogitsWarper -> TopK -> TopP, then multinomial):
-#     scores  = logits / temperature
-#     top-k   keeps scores >= the k-th largest score (ties kept)
-#     top-p   on softmax(scores) renormalised over the top-k survivors, keeps a token iff the mass of
-#             the tokens with a strictly higher score is < top_p (so at least one token is kept)
-#     sample  from softmax(scores) renormalised over the kept tokens
-#
-# How the pieces work:
-#
-# * Keys. key(s) is the uint32 image of the fp32 score that preserves order
-#   (negative: flip all bits, positive: flip the sign bit; -0.0 is mapped to +0.0 first), so
-#   "score >= x" becomes "key >= key(x)" and both filters become one threshold on the key:
-#   allowed = {i : key_i >= threshold}, ties included.
-#
-# * Radix select. The threshold is found digit by digit, most significant first (8 + 12 + 12 bits).
-#   Each pass histograms the elements whose higher bits equal the prefix found so far (counts for
-#   top-k, probability mass exp(s - s_max) for top-p), then walks the bins from the top to find the
-#   bin that holds the k-th element / where the cumulative mass reaches top_p * Z.
-#
-# * Last program. A pass is one multi-program kernel. Each program adds its block into global bins
-#   with atomics, then takes a ticket from a per-pass counter (acq_rel); the program that draws the
-#   last ticket sees every other program's atomics, scans the bins, stores the extended prefix and
-#   resets the bins and the counter for the next pass / next replay.
-#
-# * Gumbel-max. argmax_i (s_i + g_i) with g_i = -log(-log(u_i)) i.i.d. Gumbel is an exact sample of
-#   softmax(s) restricted to the set the argmax runs over. u_i = Philox(key = seed,
-#   counter = (i, step)), so every (seed, step, i) gets its own independent uniform.
-#
-# * Top-p candidates. Without top-k, all V tokens would send their mass to the first top-p pass.
-#   But token i cannot survive top-p if n * w_i <= (1 - top_p) * Z_k, with w_i = exp(s_i - s_max)
-#   and n the size of the top-k set: the tokens at or below i are at most n and none weighs more
-#   than w_i, so they hold at most (1 - top_p) * Z_k, and the mass above i is >= top_p * Z_k.
-#   Such tokens all lie below the threshold, so leaving them out of the mass histograms cannot move
-#   it. Z_k is not known yet in that pass; Z_k >= 1 (the max token, w = 1, is always in the set)
-#   with top-k on, Z_k = Z (summed in the first pass) with top-k off. Only tokens above half that
-#   floor (half: room for rounding) send atomics; for real logits that is a few hundred at most.
-
-# Radix digits (shift, bits), most significant first: 8 + 12 + 12 = 32 key bits.
-# Every element takes part in the first top-k pass, so its digit is narrow enough (256 bins) to be
-# pre-reduced inside each program with tl.histogram. Later passes only see the elements sharing the
-# prefix found so far (usually a few), so wide digits with direct atomics keep the pass count at 3.
-DIGITS = ((24, 8), (12, 12), (0, 12))
-MAX_BINS = 1 << 12
-
-# Slots of the scalar scratch arrays.
-I_ARGMAX = tl.constexpr(0)       # argmax of the logits
-I_TOPK_PREFIX = tl.constexpr(1)  # top-k key prefix found so far; after the last pass: the threshold
-I_TOPK_ABOVE = tl.constexpr(2)   # number of elements with a key above the prefix range
-I_TOPK_COUNT = tl.constexpr(3)   # number of elements kept by top-k (V when top-k is off)
-I_TOPP_PREFIX = tl.constexpr(4)  # same for top-p
-F_SMAX = tl.constexpr(0)         # max score, s_max = max(logits) / T
-F_Z = tl.constexpr(1)            # sum exp(s - s_max) over all V (only when top-p is on, top-k off)
-F_ZK = tl.constexpr(2)           # sum exp(s - s_max) over the top-k set; atomically accumulated
-F_TOPP_TARGET = tl.constexpr(3)  # top_p * Z_k
-F_TOPP_ABOVE = tl.constexpr(4)   # mass of the elements above the top-p prefix range
-
-# One arrival counter per kernel of the sequence.
-FIRST_PASS, TOPK_PASS_1, TOPK_PASS_2, TOPP_PASS_0, TOPP_PASS_1, TOPP_PASS_2, GUMBEL_PASS = range(7)
-NUM_KERNELS = 7
-
-
-@dataclass
-class SamplerState:
-    """Per-generation settings and per-token outputs, all in device memory (shape [1] unless said)."""
-    temperature: torch.Tensor  # f32, 0 = greedy
-    top_k: torch.Tensor        # i32, 0 = off
-    top_p: torch.Tensor        # f32, 1.0 = off
-    seed: torch.Tensor         # i64
-    step: torch.Tensor         # i64, tokens sampled so far in this generation
-    tok: torch.Tensor          # i32, the sampled token (also the next decode step's input)
-    pos: torch.Tensor          # i32, incremented by one per call
-    ring: torch.Tensor         # i32 [ring_size], ring[step % ring_size] = token
-
-
-@dataclass
-class SamplerScratch:
-    """Preallocated scratch. Every call leaves it as it found it (bins, counters, Z_k zeroed)."""
-    vocab: int
-    block: int                 # logits per program
-    num_programs: int          # cdiv(vocab, block): every kernel runs on this grid
-    ints: torch.Tensor         # i32 [8]   scalar slots I_*
-    floats: torch.Tensor       # f32 [8]   scalar slots F_*
-    counters: torch.Tensor     # i32 [NUM_KERNELS] arrival counters
-    count_bins: torch.Tensor   # i32 [MAX_BINS] top-k histogram
-    mass_bins: torch.Tensor    # f32 [MAX_BINS] top-p histogram
-    part_val: torch.Tensor     # f32 [num_programs] per-program best value (max logit / Gumbel score)
-    part_idx: torch.Tensor     # i32 [num_programs] index of that value
-    part_z: torch.Tensor       # f32 [num_programs] per-program sum exp(s - local max)
-
-
-def make_sampler_state(device, V, ring_size):
-    """Greedy settings, step 0. (V is unused: nothing in the state depends on it.)"""
-    i32, i64, f32 = torch.int32, torch.int64, torch.float32
-    return SamplerState(
-        temperature=torch.zeros(1, dtype=f32, device=device),
-        top_k=torch.zeros(1, dtype=i32, device=device),
-        top_p=torch.ones(1, dtype=f32, device=device),
-        seed=torch.zeros(1, dtype=i64, device=device),
-        step=torch.zeros(1, dtype=i64, device=device),
-        tok=torch.zeros(1, dtype=i32, device=device),
-        pos=torch.zeros(1, dtype=i32, device=device),
-        ring=torch.zeros(ring_size, dtype=i32, device=device),
-    )
-
-
-def make_sampler_scratch(device, V, block=1024):
-    num_programs = triton.cdiv(V, block)
-    zeros = lambda n, dtype: torch.zeros(n, dtype=dtype, device=device)
-    return SamplerScratch(
-        vocab=V, block=block, num_programs=num_programs,
-        ints=zeros(8, torch.int32), floats=zeros(8, torch.float32),
-        counters=zeros(NUM_KERNELS, torch.int32),
-        count_bins=zeros(MAX_BINS, torch.int32), mass_bins=zeros(MAX_BINS, torch.float32),
-        part_val=zeros(num_programs, torch.float32), part_idx=zeros(num_programs, torch.int32),
-        part_z=zeros(num_programs, torch.float32),
-    )
-
-
-def set_params(state, temperature, top_k=0, top_p=1.0, seed=0):
-    """Host helper, called between generations (not inside the graph). Also resets step to 0."""
-    if not (temperature >= 0.0 and top_k >= 0 and 0.0 <= top_p <= 1.0):
-        raise ValueError(f"bad sampling params T={temperature} top_k={top_k} top_p={top_p}")
-    state.temperature.fill_(float(temperature))
-    state.top_k.fill_(int(top_k))
-    state.top_p.fill_(float(top_p))
-    state.seed.fill_(int(seed))
-    state.step.zero_()
-
-
-def sample_step(logits, state, scratch, use_pdl=False):
-    """Sample one token from logits (fp32, [V] or [1, V], contiguous) into state.tok, then
-    ring[step % R] = tok, pos += 1, step += 1.
-
-    Always the same launches (capturable).
-    """
-    logits = logits.reshape(-1)  # a view: [1, V] -> [V]
-    V, block = scratch.vocab, scratch.block
-    assert logits.numel() == V and logits.is_contiguous()
-    grid = (scratch.num_programs,)
-    parts = triton.next_power_of_2(scratch.num_programs)
-    settings = (state.temperature, state.top_k, state.top_p)
-    outputs = (state.tok, state.pos, state.step, state.ring, state.ring.numel())
-
-    _first_pass_kernel[grid](
-        logits, *settings, *outputs,
-        scratch.ints, scratch.floats, scratch.counters, scratch.count_bins,
-        scratch.part_val, scratch.part_idx, scratch.part_z,
-        V, BLOCK=block, NUM_PARTS=parts,
-        SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=FIRST_PASS, USE_PDL=use_pdl, launch_pdl=use_pdl,
-        num_warps=4)
-    for counter, (shift, bits) in zip((TOPK_PASS_1, TOPK_PASS_2), DIGITS[1:]):
-        _topk_pass_kernel[grid](
-            logits, *settings, scratch.ints, scratch.counters, scratch.count_bins,
-            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, USE_PDL=use_pdl, launch_pdl=use_pdl,
-            num_warps=4)
-    for counter, (shift, bits) in zip((TOPP_PASS_0, TOPP_PASS_1, TOPP_PASS_2), DIGITS):
-        _topp_pass_kernel[grid](
-            logits, *settings, scratch.ints, scratch.floats, scratch.counters, scratch.mass_bins,
-            V, BLOCK=block, SHIFT=shift, BITS=bits, COUNTER=counter, USE_PDL=use_pdl, launch_pdl=use_pdl,
-            num_warps=4)
-    _gumbel_kernel[grid](
-        logits, *settings, state.seed, *outputs,
-        scratch.ints, scratch.counters, scratch.part_val, scratch.part_idx,
-        V, BLOCK=block, NUM_PARTS=parts, COUNTER=GUMBEL_PASS, USE_PDL=use_pdl, launch_pdl=use_pdl,
-        num_warps=4)
-
-
-# ----------------------------------------------------------------------------------------------
-# Device helpers
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V):
-    t = tl.load(temperature_ptr)
-    k = tl.load(top_k_ptr)
-    p = tl.maximum(tl.load(top_p_ptr), 0.0)
-    sampling = t > 0.0
-    topk_on = sampling & (k > 0) & (k < V)   # k >= V keeps everything, like k = 0
-    topp_on = sampling & (p < 1.0)
-    return t, k, p, sampling, topk_on, topp_on
-
-
-@triton.jit
-def _logits_block(logits_ptr, V, BLOCK: tl.constexpr):
-    """Program pid's BLOCK logits [pid * BLOCK, (pid + 1) * BLOCK), -inf past the vocabulary."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < V
-    return pid, offs, valid, tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-
-
-@triton.jit
-def _scores_and_keys(x, t):
-    """s = x / t rounded as torch rounds it, and key = order-preserving uint32 image of s."""
-    s = tl.math.div_rn(x, t)  # plain "/" is approximate on GPU; HF's cut-offs need the exact s
-    s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 for torch, so both must get the same key
-    bits = s.to(tl.uint32, bitcast=True)
-    negative = (bits.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True)  # 0 or ~0
-    key = bits ^ (negative | 0x80000000)
-    return s, key
-
-
-@triton.jit
-def _digit(key, SHIFT: tl.constexpr, BITS: tl.constexpr):
-    return ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
-def _add_to_bins(bins_ptr, digit, val, mask, NBINS: tl.constexpr):
-    """bins[digit] += val for the masked elements of this block, with atomics.
-
-    Atomics on one address serialise in L2, and ties or flat tails put many elements in one bin.
-    So this block's lowest and highest bins are summed here and sent as one atomic each.
-    """
-    lo = tl.min(tl.where(mask, digit, NBINS), axis=0)
-    hi = tl.max(tl.where(mask, digit, -1), axis=0)
-    lo_sum = tl.sum(tl.where(mask & (digit == lo), val, 0), axis=0)
-    hi_sum = tl.sum(tl.where(mask & (digit == hi), val, 0), axis=0)
-    tl.atomic_add(bins_ptr + lo, lo_sum, mask=lo < NBINS, sem="relaxed")
-    tl.atomic_add(bins_ptr + hi, hi_sum, mask=(hi >= 0) & (hi != lo), sem="relaxed")
-    rest = mask & (digit != lo) & (digit != hi)
-    tl.atomic_add(bins_ptr + digit, val, mask=rest, sem="relaxed")
-
-
-@triton.jit
-def _is_last_program(counter_ptr):
-    """Take a ticket; True in the program that finishes last.
-
-    The barrier makes every thread's stores and atomics precede the ticket, which is taken with
-    release semantics; the acquire half makes the last program see every other program's.
-    """
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    return ticket == tl.num_programs(0) - 1
-
-
-@triton.jit
-def _scan_bins(bins_ptr, NBINS: tl.constexpr, above, target):
-    """Find the highest digit d with above + sum(bins[d:]) >= target, then zero the bins.
-
-    Returns (d, above + sum(bins[d+1:]), bins[d]). If rounding in the mass sums left the target
-    unreached, falls back to the lowest non-empty bin (keeps more tokens rather than none).
-    Called by the last program only; volatile loads bypass L1 so no stale line is read.
-    """
-    j = tl.arange(0, NBINS)                                   # j = NBINS-1-d: top bin first
-    vals = tl.load(bins_ptr + (NBINS - 1 - j), volatile=True)
-    reached = (above + tl.cumsum(vals, axis=0)) >= target     # above + sum(bins[NBINS-1-j:])
-    j_hit = tl.min(tl.where(reached, j, NBINS), axis=0)
-    j_low = tl.max(tl.where(vals > 0, j, 0), axis=0)
-    j_hit = tl.where(j_hit < NBINS, j_hit, j_low)
-    higher = tl.sum(tl.where(j < j_hit, vals, 0), axis=0)
-    at = tl.sum(tl.where(j == j_hit, vals, 0), axis=0)
-    tl.store(bins_ptr + j, tl.zeros([NBINS], vals.dtype))
-    return NBINS - 1 - j_hit, above + higher, at
-
-
-@triton.jit
-def _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size):
-    step = tl.load(step_ptr)
-    tl.store(tok_ptr, token)
-    tl.store(ring_ptr + step % ring_size, token)
-    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
-    tl.store(step_ptr, step + 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels, in launch order. All run on grid (cdiv(V, BLOCK),); program pid owns logits
-# [pid * BLOCK, (pid + 1) * BLOCK).
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _first_pass_kernel(
-    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
-    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
-    ints_ptr, floats_ptr, counters_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
-    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr,
-    SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """argmax / max of the logits (+ Z when top-p runs without top-k) and the first top-k digit."""
-    _pdl_wait(USE_PDL)
-    pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)  # this program's slice
-    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
-
-    # Lowest index among equal maxima, here and across programs below.
-    x_max, i_max = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    tl.store(part_val_ptr + pid, x_max)
-    tl.store(part_idx_ptr + pid, pid * BLOCK + i_max)
-
-    if topk_on:
-        _, key = _scores_and_keys(x, t)
-        # Every element counts in this pass: reduce in-program first, then one atomic per bin.
-        hist = tl.histogram(_digit(key, SHIFT, BITS), 1 << BITS, mask=valid)  # [1 << BITS]
-        tl.atomic_add(count_bins_ptr + tl.arange(0, 1 << BITS), hist, mask=hist > 0,
-                      sem="relaxed")
-    need_z = topp_on & ~topk_on
-    if need_z:
-        # sum exp(s - local max); the last program rescales each to the global max.
-        s = tl.math.div_rn(x, t)
-        s_local_max = tl.math.div_rn(x_max, t)
-        w = tl.where(s > float("-inf"), tl.exp(s - s_local_max), 0.0)
-        tl.store(part_z_ptr + pid, tl.sum(w, axis=0))
-
-    if _is_last_program(counters_ptr + COUNTER):
-        j = tl.arange(0, NUM_PARTS)
-        live = j < tl.num_programs(0)
-        vals = tl.load(part_val_ptr + j, mask=live, other=float("-inf"), volatile=True)
-        idxs = tl.load(part_idx_ptr + j, mask=live, other=0, volatile=True)
-        best_val, best_part = tl.max(vals, axis=0, return_indices=True,
-                                     return_indices_tie_break_left=True)
-        argmax = tl.sum(tl.where(j == best_part, idxs, 0), axis=0)
-        tl.store(ints_ptr + I_ARGMAX, argmax)
-        if t == 0.0:
-            _emit_token(argmax, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
-        if sampling:
-            s_max = tl.math.div_rn(best_val, t)
-            tl.store(floats_ptr + F_SMAX, s_max)
-            if need_z:
-                z_parts = tl.load(part_z_ptr + j, mask=live, other=0.0, volatile=True)
-                s_local_max = tl.math.div_rn(vals, t)
-                z = tl.sum(tl.where(s_local_max > float("-inf"),
-                                    z_parts * tl.exp(s_local_max - s_max), 0.0), axis=0)
-                tl.store(floats_ptr + F_Z, z)
-            if topk_on:
-                d, above, _ = _scan_bins(count_bins_ptr, 1 << BITS, 0, k)
-                tl.store(ints_ptr + I_TOPK_PREFIX, d)
-                tl.store(ints_ptr + I_TOPK_ABOVE, above)
-            else:
-                tl.store(ints_ptr + I_TOPK_PREFIX, 0)  # threshold 0: every key passes
-                tl.store(ints_ptr + I_TOPK_COUNT, V)
-        tl.store(counters_ptr + COUNTER, 0)
-
-
-@triton.jit
-def _topk_pass_kernel(
-    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, counters_ptr, count_bins_ptr,
-    V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """One more digit of the top-k threshold: the largest key t with count(key >= t) >= k."""
-    _pdl_wait(USE_PDL)
-    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
-    if topk_on:
-        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
-        _, key = _scores_and_keys(x, t)
-        prefix = tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True)
-        match = valid & ((key >> (SHIFT + BITS)) == prefix)
-        if tl.max(match.to(tl.int32), axis=0) > 0:
-            _add_to_bins(count_bins_ptr, _digit(key, SHIFT, BITS), match.to(tl.int32), match,
-                         1 << BITS)
-
-        if _is_last_program(counters_ptr + COUNTER):
-            above = tl.load(ints_ptr + I_TOPK_ABOVE)
-            d, above, at = _scan_bins(count_bins_ptr, 1 << BITS, above, k)
-            prefix = (prefix << BITS) | d.to(tl.uint32)
-            tl.store(ints_ptr + I_TOPK_PREFIX, prefix.to(tl.int32, bitcast=True))
-            tl.store(ints_ptr + I_TOPK_ABOVE, above)
-            tl.store(ints_ptr + I_TOPK_COUNT, above + at)  # final after the last pass
-            tl.store(counters_ptr + COUNTER, 0)
-
-
-@triton.jit
-def _topp_pass_kernel(
-    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, floats_ptr, counters_ptr,
-    mass_bins_ptr,
-    V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """One digit of the top-p threshold: the largest key t with mass(key >= t) >= top_p * Z_k."""
-    _pdl_wait(USE_PDL)
-    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
-    if topp_on:
-        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
-        s, key = _scores_and_keys(x, t)
-        w = tl.exp(s - tl.load(floats_ptr + F_SMAX))  # unnormalised probability, <= 1
-
-        topk_threshold = tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True)
-        in_topk = valid & (key >= topk_threshold)
-        # Candidate floor (see the sampler notes above): Z_k >= 1 (the max is in the set); without top-k,
-        # Z_k = Z. Half the floor leaves room for rounding.
-        n_topk = tl.load(ints_ptr + I_TOPK_COUNT).to(tl.float32)
-        z_bound = tl.where(topk_on, 1.0, tl.load(floats_ptr + F_Z))
-        floor = 0.5 * (1.0 - p) * z_bound / n_topk
-        cand = in_topk & (w >= floor)
-        if SHIFT + BITS == 32:
-            # First digit: also sum Z_k, the mass of the whole top-k set.
-            tl.atomic_add(floats_ptr + F_ZK, tl.sum(tl.where(in_topk, w, 0.0), axis=0),
-                          sem="relaxed")
-        else:
-            prefix = tl.load(ints_ptr + I_TOPP_PREFIX).to(tl.uint32, bitcast=True)
-            cand = cand & ((key >> (SHIFT + BITS)) == prefix)
-        if tl.max(cand.to(tl.int32), axis=0) > 0:
-            _add_to_bins(mass_bins_ptr, _digit(key, SHIFT, BITS), w, cand, 1 << BITS)
-
-        if _is_last_program(counters_ptr + COUNTER):
-            if SHIFT + BITS == 32:
-                z_topk = tl.load(floats_ptr + F_ZK, volatile=True)
-                tl.store(floats_ptr + F_ZK, 0.0)
-                # top_p = 0 gives target 1e-30: still keeps the top token, as HF does.
-                target = tl.maximum(p * z_topk, 1e-30)
-                tl.store(floats_ptr + F_TOPP_TARGET, target)
-                above = 0.0
-                prefix = tl.full([], 0, tl.uint32)
-            else:
-                target = tl.load(floats_ptr + F_TOPP_TARGET)
-                above = tl.load(floats_ptr + F_TOPP_ABOVE)
-            d, above, _ = _scan_bins(mass_bins_ptr, 1 << BITS, above, target)
-            prefix = (prefix << BITS) | d.to(tl.uint32)
-            tl.store(ints_ptr + I_TOPP_PREFIX, prefix.to(tl.int32, bitcast=True))
-            tl.store(floats_ptr + F_TOPP_ABOVE, above)
-            tl.store(counters_ptr + COUNTER, 0)
-
-
-@triton.jit
-def _gumbel_kernel(
-    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
-    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
-    ints_ptr, counters_ptr, part_val_ptr, part_idx_ptr,
-    V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, COUNTER: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """token = argmax over allowed i of (s_i + Gumbel_i); the last program writes the outputs."""
-    _pdl_wait(USE_PDL)
-    t, k, p, sampling, topk_on, topp_on = _load_settings(temperature_ptr, top_k_ptr, top_p_ptr, V)
-    if sampling:
-        pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
-        s, key = _scores_and_keys(x, t)
-        threshold = tl.where(topp_on, tl.load(ints_ptr + I_TOPP_PREFIX),
-                             tl.load(ints_ptr + I_TOPK_PREFIX)).to(tl.uint32, bitcast=True)
-        allowed = valid & (key >= threshold)
-
-        best_val = tl.full([], float("-inf"), tl.float32)
-        best_idx = tl.full([], 0, tl.int32)
-        if tl.max(allowed.to(tl.int32), axis=0) > 0:  # with top-k/top-p most blocks skip the RNG
-            # Philox counter (i, step), key seed: distinct for every (seed, step, i).
-            step = tl.load(step_ptr)
-            u = tl.rand(tl.load(seed_ptr), (step << 32) + offs.to(tl.int64))
-            gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))  # u can be exactly 0
-            score = tl.where(allowed, s + gumbel, float("-inf"))
-            best_val, best_i = tl.max(score, axis=0, return_indices=True,
-                                      return_indices_tie_break_left=True)
-            best_idx = pid * BLOCK + best_i
-        tl.store(part_val_ptr + pid, best_val)
-        tl.store(part_idx_ptr + pid, best_idx)
-
-        if _is_last_program(counters_ptr + COUNTER):
-            j = tl.arange(0, NUM_PARTS)
-            live = j < tl.num_programs(0)
-            vals = tl.load(part_val_ptr + j, mask=live, other=float("-inf"), volatile=True)
-            idxs = tl.load(part_idx_ptr + j, mask=live, other=0, volatile=True)
-            top_val, top_part = tl.max(vals, axis=0, return_indices=True,
-                                       return_indices_tie_break_left=True)
-            token = tl.sum(tl.where(j == top_part, idxs, 0), axis=0)
-            # Only if every allowed score were -inf (all logits -inf): fall back to the argmax.
-            token = tl.where(top_val > float("-inf"), token, tl.load(ints_ptr + I_ARGMAX))
-            _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
-            tl.store(counters_ptr + COUNTER, 0)
-
-
-# -----------------------------------------------------------------------------
-# fast decoder: buffers, prefill, the CUDA graph, the replay loop
-
-
 def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for prefill on CUDA
     import flashinfer
 
@@ -1593,6 +1368,10 @@ def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int
     return (rms_norm_rows(x, w.norm, eps, xn, add=down) @ w.lm_head.T).float()
 
 
+# -----------------------------------------------------------------------------
+# fast decoder: buffers, the CUDA graph, the replay loop
+
+
 class FastDecoder:
     """The CUDA path: every buffer the decode step touches, allocated once, and the graph
     that runs the whole step. The engine owns the weights, the KV cache and RoPE tables."""
@@ -1618,11 +1397,10 @@ class FastDecoder:
         self.attn = torch.empty(Hq * hd, dtype=dt, device=dev)  # attention output, o_proj's input
         self.act = torch.empty(I, dtype=dt, device=dev)  # silu(gate) * up, down_proj's input
         self.logits = torch.empty(V, dtype=torch.float32, device=dev)  # lm_head output
-        self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, attention_nsplit(Hkv), dev)  # split-KV partials
-        # sampler: settings (temperature, top_k, top_p, seed) and outputs (tok = next input,
-        # pos = its position, step, ring of sampled tokens), all on the device
-        self.s = make_sampler_state(dev, V, self.RING)
-        self.sampler_scratch = make_sampler_scratch(dev, V)
+        nsplit = max(1, triton.cdiv(2 * num_sms(), Hkv))  # about 2 attention programs per SM
+        self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, nsplit, dev)  # split-KV partials
+        # settings, outputs (tok: the next step's input, pos: its position) and scratch
+        self.sampler = Sampler(V, self.RING, dev)
         if not capture:  # tests drive run_step by hand (on the CPU, through Triton's interpreter)
             return
         # host side of the read-back: pinned copy of the ring, and events marking each copy
@@ -1640,30 +1418,29 @@ class FastDecoder:
         """One decode step, exactly as the graph replays it. Reads the token s.tok at
         position s.pos, the weights and the cache; writes the cache row at s.pos, the
         logits, and through the sampler s.tok, s.pos + 1, s.step + 1 and the ring."""
-        e, w, s, pdl = self.engine, self.engine.weights, self.s, self.pdl
+        e, w, s, pdl = self.engine, self.engine.weights, self.sampler, self.pdl
         eps, cos, sin, scale = e.cfg.rms_norm_eps, e.rope[0], e.rope[1], e.cfg.head_dim ** -0.5
         embed(s.tok, w.embed, self.h, use_pdl=pdl)
         for i, L in enumerate(w.layers):
             k_cache, v_cache = e.cache.flat(i)
             rmsnorm_gemv(self.h, L.attn_norm, L.qkv, self.qkv, eps, use_pdl=pdl)
-            attention_decode_fused(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, k_cache, v_cache, self.attn,
-                                   self.attn_scratch, scale, eps, use_pdl=pdl)
+            decode_attention(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, k_cache, v_cache, self.attn,
+                             self.attn_scratch, scale, eps, use_pdl=pdl)
             gemv_add(self.attn, L.o, self.h, use_pdl=pdl)
             rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, use_pdl=pdl)
             gemv_add(self.act, L.down, self.h, use_pdl=pdl)
         rmsnorm_gemv(self.h, w.norm, w.lm_head, self.logits, eps, use_pdl=pdl)
-        sample_step(self.logits, s, self.sampler_scratch, use_pdl=pdl)
+        s.sample(self.logits, use_pdl=pdl)
 
     def capture(self):
         """Record run_step into a CUDA graph. Two eager steps first compile every kernel;
         they write cache row 0 and advance the sampler state, so both are reset after."""
-        self.s.tok.zero_()
-        self.s.pos.zero_()
+        self.sampler.tok.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.s.pos.zero_()
+                self.sampler.pos.zero_()
                 self.run_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -1682,13 +1459,13 @@ class FastDecoder:
                 logits = prefill_forward(e.weights, e.cfg, e.cache, e.rope, ids[start:start + self.prefill_chunk],
                                          start)
             self.logits.copy_(logits[0])
-            self.s.pos.fill_(ids.shape[0] - 1)  # the sampler moves it on to len(ids)
-            self.s.step.zero_()
-            sample_step(self.logits, self.s, self.sampler_scratch)
+            self.sampler.pos.fill_(ids.shape[0] - 1)  # the sampler moves it on to len(ids)
+            self.sampler.step.zero_()
+            self.sampler.sample(self.logits)
 
     def step(self, token: int):
         """Teacher-forced step (tests, engine.step): feed token, replay, return the logits."""
-        self.s.tok.fill_(token)
+        self.sampler.tok.fill_(token)
         self.graph.replay()
         return self.logits.clone()
 
@@ -1697,12 +1474,12 @@ class FastDecoder:
         every READ_EVERY replays it queues a copy of the ring to pinned memory and an event,
         and it reads tokens once their event has passed, at most AHEAD steps behind the GPU.
         Tokens computed past the caller's stop are thrown away."""
-        set_params(self.s, temperature, top_k, top_p, seed)
+        self.sampler.set_params(temperature, top_k, top_p, seed)
         self.prefill(prompt_ids)
         pending, free = [], list(self.events)  # (event, tokens produced when it was recorded)
 
         def read_back(produced):
-            self.host_ring.copy_(self.s.ring, non_blocking=True)
+            self.host_ring.copy_(self.sampler.ring, non_blocking=True)
             event = free.pop()
             event.record()
             pending.append((event, produced))
@@ -1725,7 +1502,6 @@ class FastDecoder:
                 done = upto
         finally:
             torch.cuda.current_stream().synchronize()  # let any overshoot finish before the next use
-
 
 
 # -----------------------------------------------------------------------------
@@ -1751,6 +1527,14 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def check_prompt(n: int, max_seq_len: int):
+    if n == 0:
+        raise NanofastError("the prompt is empty")
+    if n >= max_seq_len:
+        raise NanofastError(f"the prompt is {n} tokens, which leaves no room with max_seq_len {max_seq_len}; "
+                            "raise --max-seq-len")
+
+
 class Engine:
     """A loaded model with its KV cache: prefill, step and generate.
 
@@ -1763,7 +1547,7 @@ class Engine:
     plain-torch model above."""
 
     def __init__(self, model_dir: str, device=None, dtype=None, max_seq_len: int = 4096,
-                 page_size: int = 16, fast: bool | None = None, verbose: bool = True, **fast_options):
+                 page_size: int = 16, fast: bool | None = None, verbose: bool = True):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
@@ -1779,7 +1563,7 @@ class Engine:
         self.stop_reason, self.stats = None, {}
         self.verbose, self.decoder = verbose, None
         if self.device.type == "cuda" and fast is not False:
-            self._start_fast(**fast_options)
+            self._start_fast()
 
     @property
     def fast(self) -> bool:
@@ -1789,7 +1573,7 @@ class Engine:
         if self.verbose:
             print(f"[nanofast] {message}", file=sys.stderr)
 
-    def _start_fast(self, **options):
+    def _start_fast(self):
         why = None
         if not HAVE_TRITON:
             why = "Triton is not installed"
@@ -1804,7 +1588,7 @@ class Engine:
             self._log(f"warning: running the plain-torch path on CUDA: {why}")
             return
         t0 = time.perf_counter()
-        self.decoder = FastDecoder(self, **options)
+        self.decoder = FastDecoder(self)
         gib = 2 ** 30
         self._log(f"KV cache {self.cache.nbytes / gib:.2f} GiB for {self.max_seq_len} tokens; CUDA graph "
                   f"captured in {time.perf_counter() - t0:.1f} s; GPU memory in use "
@@ -1848,11 +1632,7 @@ class Engine:
         self.stop_reason says which ("eos", "max_new_tokens", "cache_full", or
         "interrupted" if the caller stopped early) and self.stats has the timings."""
         P = len(prompt_ids)
-        if P == 0:
-            raise NanofastError("the prompt is empty")
-        if P >= self.max_seq_len:
-            raise NanofastError(f"the prompt is {P} tokens, which leaves no room with max_seq_len "
-                                f"{self.max_seq_len}; raise --max-seq-len")
+        check_prompt(P, self.max_seq_len)
         if max_new_tokens < 1:
             raise NanofastError("max_new_tokens must be at least 1")
         limit = min(max_new_tokens, self.max_seq_len - P)
@@ -1980,16 +1760,12 @@ def run(args) -> int:
     device = pick_device(args.device)
     if args.model == DEFAULT_MODEL and not os.path.exists(args.model):
         download_default(args.model)
-    load_config(args.model)  # fail fast on a bad folder, before the tokenizer
-    defaults = generation_defaults(args.model)
+    load_config(args.model)  # a bad folder fails here, before the tokenizer
     tokenizer = Tokenizer(args.model)
+    defaults = tokenizer.generation
     text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
     prompt_ids = tokenizer.encode(text)
-    if not prompt_ids:
-        raise NanofastError("the prompt is empty")
-    if len(prompt_ids) >= args.max_seq_len:
-        raise NanofastError(f"the prompt is {len(prompt_ids)} tokens; --max-seq-len {args.max_seq_len} "
-                            "must be larger")
+    check_prompt(len(prompt_ids), args.max_seq_len)  # before the slow part
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                   fast=not args.plain)

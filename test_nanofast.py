@@ -1313,40 +1313,13 @@ def _tiny_config(Hq, Hkv, hd):
 
 
 @requires_triton
-@pytest.mark.parametrize("G,nsplit,BLOCK_S,S,dtype,positions", [
-    (1, 1, 16, 64, KDT, (0, 15, 16, 63)),  # L = 1, one tile of 16, a tile and one row, 4 tiles
-    # chunk = cdiv(cdiv(L, 3), 16) * 16: L = 16 and 17 leave splits empty, L = 48 fills all
-    # three chunks of 16, L = 49 has chunks of 32 and an empty third split
-    (2, 3, 16, 64, KDT, (0, 15, 16, 47, 48, 63)),
-    (4, 5, 64, 160, torch.bfloat16, (0, 63, 64, 159)),  # the default BLOCK_S, bf16
-], ids=["gqa1-nsplit1", "gqa2-nsplit3", "gqa4-nsplit5-bf16"])
-def test_kernel_decode_attention(kseed, G, nsplit, BLOCK_S, S, dtype, positions):
-    Hkv, hd = 2, KHD
-    Hq = G * Hkv
-    # the cache through a paged (pages, page_size, Hkv, hd) -> (S, Hkv, hd) view, as FastDecoder uses it
-    k_cache = krandn(S // 16, 16, Hkv, hd, std=2.0, dtype=dtype).view(S, Hkv, hd)
-    v_cache = krandn(S // 16, 16, Hkv, hd, dtype=dtype).view(S, Hkv, hd)
-    scratch = nanofast.make_attention_scratch(Hq, Hkv, hd, nsplit, KDEV)
-    for p in positions:  # repeated calls on one scratch: the combine counter must be reset each time
-        q = krandn(Hq, hd, dtype=dtype)
-        out = poisoned(Hq * hd, dtype=dtype)
-        for t in scratch[:3]:
-            t.fill_(NAN)  # every partial the combine reads must have been written
-        # single_max=0 lets short sequences split (by default L <= 128 runs in one program)
-        nanofast.decode_attention(q, k_cache, v_cache, i32(p), out, scratch, hd ** -0.5, BLOCK_S=BLOCK_S,
-                                  single_max=0)
-        ref = nanofast.plain_attention(q[None].float(), k_cache[:p + 1].float(), v_cache[:p + 1].float(), p)
-        assert_kernel_close(out, ref, dtype, f"L={p + 1}")
-        assert not scratch[3].any(), "combine counter not reset"
-
-
-@requires_triton
-@pytest.mark.parametrize("G,nsplit,single_max,dtype", [
-    (2, 3, 16, KDT),  # one program up to L = 16, then 2 and 3 active splits
-    (1, 1, 128, KDT),  # the default: one program per kv head writes the output itself
-    (4, 5, 0, torch.bfloat16),  # always split
-], ids=["gqa2-3splits", "gqa1-single", "gqa4-5splits-bf16"])
-def test_kernel_attention_decode_fused(kseed, G, nsplit, single_max, dtype):
+@pytest.mark.parametrize("G,nsplit,single_max,dtype,BLOCK_S", [
+    (2, 3, 16, KDT, 16),  # one program up to L = 16, then 2 and 3 active splits (some left empty)
+    (1, 1, 128, KDT, 16),  # the default: one program per kv head writes the output itself
+    (4, 5, 0, torch.bfloat16, 16),  # always split
+    (1, 2, 0, KDT, 64),  # the default tile: pos 63/64 cross it
+], ids=["gqa2-3splits", "gqa1-single", "gqa4-5splits-bf16", "gqa1-2splits-tile64"])
+def test_kernel_decode_attention(kseed, G, nsplit, single_max, dtype, BLOCK_S):
     """q/k norm + RoPE + KV append + attention in one launch, token after token, against
     forward()'s plain code: the new row must be written and used, later rows untouched."""
     Hkv, hd, eps, S = 2, KHD, 1e-6, 72
@@ -1365,8 +1338,10 @@ def test_kernel_attention_decode_fused(kseed, G, nsplit, single_max, dtype):
             v_cache[:p].copy_(v_ref[:p].to(dtype))
         qkv = krandn((Hq + 2 * Hkv) * hd, std=2.0, dtype=dtype)
         out = poisoned(Hq * hd, dtype=dtype)
-        nanofast.attention_decode_fused(qkv, q_norm, k_norm, cos, sin, i32(p), k_cache, v_cache, out, scratch,
-                                        hd ** -0.5, eps, BLOCK_S=16, single_max=single_max)
+        for t in scratch[:3]:
+            t.fill_(NAN)  # every partial the merge reads must have been written
+        nanofast.decode_attention(qkv, q_norm, k_norm, cos, sin, i32(p), k_cache, v_cache, out, scratch,
+                                  hd ** -0.5, eps, BLOCK_S=BLOCK_S, single_max=single_max)
         q, k, v = qkv.float().cpu().split([Hq * hd, Hkv * hd, Hkv * hd])
         c, s_ = cos[p:p + 1].cpu(), sin[p:p + 1].cpu()
         q = nanofast.apply_rope(nanofast.rms_norm(q.view(1, Hq, hd), q_norm.float().cpu(), eps), c, s_)
@@ -1387,26 +1362,26 @@ POISON_TOK = -7
 
 
 def _sampler(V, block, ring=8):
-    return nanofast.make_sampler_state(KDEV, V, ring), nanofast.make_sampler_scratch(KDEV, V, block=block)
+    return nanofast.Sampler(V, ring, KDEV, block=block)
 
 
-def _sample(logits, state, scratch):
-    """One sample_step with a poisoned token; checks it was written and the scratch left clean."""
-    state.tok.fill_(POISON_TOK)
-    nanofast.sample_step(logits, state, scratch)
-    tok = int(state.tok)
+def _sample(logits, sampler):
+    """One Sampler.sample with a poisoned token; checks it was written and the scratch left clean."""
+    sampler.tok.fill_(POISON_TOK)
+    sampler.sample(logits)
+    tok = int(sampler.tok)
     assert 0 <= tok < logits.numel()
-    assert not scratch.counters.any() and not scratch.count_bins.any() and not scratch.mass_bins.any()
+    assert not sampler.counters.any() and not sampler.count_bins.any() and not sampler.mass_bins.any()
     return tok
 
 
-def kernel_allowed_set(logits, state, scratch):
+def kernel_allowed_set(logits, sampler):
     """The tokens the last sample_step could draw: keys of logits / T at or above the threshold
-    it left in scratch (top-p's if top-p was on, else top-k's; 0 = all). The key is the
+    it left in its scratch (top-p's if top-p was on, else top-k's; 0 = all). The key is the
     order-preserving uint32 image of the fp32 score, as the kernels compute it."""
-    T, top_p = float(state.temperature), float(state.top_p)
+    T, top_p = float(sampler.temperature), float(sampler.top_p)
     slot = nanofast.I_TOPP_PREFIX if top_p < 1.0 else nanofast.I_TOPK_PREFIX
-    threshold = int(scratch.ints[slot.value]) & 0xFFFFFFFF  # the slots are tl.constexpr
+    threshold = int(sampler.ints[slot.value]) & 0xFFFFFFFF  # the slots are tl.constexpr
     s = (logits.float().cpu() / T)
     s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 and +0.0 share a key
     bits = s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -1417,22 +1392,22 @@ def kernel_allowed_set(logits, state, scratch):
 @requires_triton
 def test_kernel_sampler_greedy_is_argmax(kseed):
     V = 300
-    state, scratch = _sampler(V, block=128)
-    nanofast.set_params(state, 0.0, top_k=5, top_p=0.5)  # filters are ignored when greedy
+    sampler = _sampler(V, block=128)
+    sampler.set_params(0.0, top_k=5, top_p=0.5)  # filters are ignored when greedy
     for logits in (torch.randn(V) * 3, torch.round(torch.randn(V) * 2), torch.randn(V) - 60):  # 2nd: ties
         expected = nanofast.sample(logits, 0.0, 5, 0.5)  # the plain sampler; ties -> lowest index
         assert expected == int(torch.argmax(logits))
-        assert _sample(logits.to(KDEV), state, scratch) == expected
+        assert _sample(logits.to(KDEV), sampler) == expected
 
 
 @requires_triton
 def test_kernel_sampler_allowed_set(kseed):
     """The set sample_step draws from is exactly transformers' (the sort-based allowed_set of
-    the sampling section), for a few (T, top_k, top_p); one state and scratch for all of them,
+    the sampling section), for a few (T, top_k, top_p); one sampler for all of them,
     so each call must also find the scratch clean after a call with other settings."""
     V = 300
     logits = torch.randn(V, generator=torch.Generator().manual_seed(5)) * 3
-    state, scratch = _sampler(V, block=128)
+    sampler = _sampler(V, block=128)
     for i, (T, k, p) in enumerate([(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.8, 20, 0.7),
                                    (1.0, 1, 1.0), (2.0, 0, 0.3)]):
         s = logits / T
@@ -1440,9 +1415,9 @@ def test_kernel_sampler_allowed_set(kseed):
         expected = allowed_set(logits, T, k, p)
         if p < 1.0:  # test data: the top-p cut is not a rounding call
             assert allowed_set(logits, T, k, p - 1e-4) == expected == allowed_set(logits, T, k, p + 1e-4)
-        nanofast.set_params(state, T, k, p, seed=i)
-        tok = _sample(logits.to(KDEV), state, scratch)
-        assert kernel_allowed_set(logits, state, scratch) == expected, (T, k, p)
+        sampler.set_params(T, k, p, seed=i)
+        tok = _sample(logits.to(KDEV), sampler)
+        assert kernel_allowed_set(logits, sampler) == expected, (T, k, p)
         assert tok in expected
 
 
@@ -1452,17 +1427,17 @@ def test_kernel_sampler_seeded_ring_pos_step():
     logits = (1.0 + 0.01 * torch.randn(V, generator=torch.Generator().manual_seed(7))).to(KDEV)  # ~uniform
 
     def generate(seed, n):
-        state, scratch = _sampler(V, block=64, ring=R)
-        nanofast.set_params(state, 1.0, 0, 0.9, seed)
-        state.pos.fill_(40)
-        state.ring.fill_(POISON_TOK)
+        sampler = _sampler(V, block=64, ring=R)
+        sampler.set_params(1.0, 0, 0.9, seed)
+        sampler.pos.fill_(40)
+        sampler.ring.fill_(POISON_TOK)
         tokens = []
         for i in range(n):
-            tokens.append(_sample(logits, state, scratch))
-            assert (int(state.step), int(state.pos)) == (i + 1, 41 + i), f"call {i}: step/pos"
-            assert int(state.ring[i % R]) == tokens[-1], f"call {i}: ring"
+            tokens.append(_sample(logits, sampler))
+            assert (int(sampler.step), int(sampler.pos)) == (i + 1, 41 + i), f"call {i}: step/pos"
+            assert int(sampler.ring[i % R]) == tokens[-1], f"call {i}: ring"
         if n == 6:
-            assert state.ring.tolist() == [tokens[4], tokens[5], tokens[2], tokens[3]]
+            assert sampler.ring.tolist() == [tokens[4], tokens[5], tokens[2], tokens[3]]
         return tokens
 
     first = generate(1234, 6)
@@ -1477,11 +1452,11 @@ def test_kernel_sampler_frequencies():
     probs = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)
     logits = torch.cat([2 * probs.log(), torch.tensor([-math.inf], dtype=torch.float64)]).float().to(KDEV)
     n = 64 if INTERPRET else 4000  # ~0.1 s a draw in the interpreter
-    state, scratch = _sampler(5, block=16)
-    nanofast.set_params(state, 2.0, 0, 1.0, seed=2024)
+    sampler = _sampler(5, block=16)
+    sampler.set_params(2.0, 0, 1.0, seed=2024)
     counts = torch.zeros(5, dtype=torch.float64)
     for _ in range(n):
-        counts[_sample(logits, state, scratch)] += 1
+        counts[_sample(logits, sampler)] += 1
     assert counts[4] == 0
     expected = probs * n  # >= 8 each
     chi2 = float(((counts[:4] - expected) ** 2 / expected).sum())
@@ -1549,22 +1524,22 @@ def test_fast_decoder_run_step(tmp_path, monkeypatch):
     ref = nanofast.load(str(d), device=KDEV, dtype=torch.float32, max_seq_len=16, page_size=page, fast=False,
                         verbose=False)
     decoder = nanofast.FastDecoder(engine, capture=False)
-    nanofast.set_params(decoder.s, 0.0, 0, 1.0, 0)  # greedy
+    decoder.sampler.set_params(0.0)  # greedy
     engine.cache.data.fill_(NAN)  # rows not yet written must never be read
     tokens = torch.randint(0, V, (steps,), generator=torch.Generator().manual_seed(1)).tolist()
     for pos, tok in enumerate(tokens):
         for buf in (decoder.h, decoder.qkv, decoder.attn, decoder.act, decoder.logits):
             buf.fill_(NAN)
-        decoder.s.tok.fill_(tok)
-        decoder.s.pos.fill_(pos)
+        decoder.sampler.tok.fill_(tok)
+        decoder.sampler.pos.fill_(pos)
         with torch.inference_mode():
             decoder.run_step()
         got = decoder.logits.cpu()
         want = ref.forward([tok], pos)[0].cpu()
         diff = assert_kernel_close(got, want, KDT, f"logits at position {pos}", rtol=RUN_STEP_RTOL)
         best = int(torch.argmax(got))
-        assert int(decoder.s.tok) == best and int(decoder.s.ring[pos]) == best, f"position {pos}: token"
-        assert (int(decoder.s.pos), int(decoder.s.step)) == (pos + 1, pos + 1), f"position {pos}: pos/step"
+        assert int(decoder.sampler.tok) == best and int(decoder.sampler.ring[pos]) == best, f"position {pos}: token"
+        assert (int(decoder.sampler.pos), int(decoder.sampler.step)) == (pos + 1, pos + 1), f"position {pos}: pos/step"
         top2 = want.topk(2).values
         if top2[0] - top2[1] > 2 * diff:  # the reference's choice is beyond the difference
             assert best == int(torch.argmax(want)), f"position {pos}"
