@@ -4,6 +4,8 @@
     python bench.py --shape 0.6B,1.7B,4B,8B           # several shapes, one after another
     python bench.py --model weights/Qwen3-0.6B        # a real checkpoint folder instead
     python bench.py --profile                         # plus per-kernel times of one decode step
+    python bench.py --baseline /tmp/old/nanofast.py   # plus the same measurements of another version
+    python bench.py --fp8                             # plus nanofast.load(..., quantize="fp8")
     python bench.py --shape tiny --device cpu --quick --peers eager   # smoke test, no GPU
 
 At batch size 1 a decode step reads every weight once (lm_head included; a tied
@@ -16,12 +18,21 @@ the first token), sampling overhead, time to first token, startup (first and sec
 load in the process), and the same for transformers eager and static-cache +
 torch.compile. It prints a table, then one line of JSON (the last line of stdout).
 --quick numbers are for smoke tests only.
+
+--baseline FILE (another nanofast.py, e.g. an older commit's, imported as a second module)
+and --fp8 (the same checkpoint loaded with quantize="fp8") add engines held beside the one
+under test. At each context, and for the 4096-token time to first token, their runs take
+turns with its runs (A, B, A, B, ...), so drift in clocks and temperature hits both alike.
+Each reports tok/s and the ratio to the engine under test, fp8 also its own floor (counting
+fp8 bytes); in the JSON under "baseline" and "fp8" of each shape.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,9 +57,9 @@ SHAPES = {
     "8B": (4096, 36, 32, 8, 128, 12288, False),
 }
 VOCAB = {"tiny": 4096}  # every released shape: 151936
-FACTS_WEIGHT_GB = {"0.6B": 1.192, "1.7B": 3.441, "4B": 8.045, "8B": 15.137}  # FACTS.md, to check our count
 SAMPLING = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's generation_config.json
 TTFT_PROMPTS = (128, 1024, 4096)
+AB_TTFT = 4096  # the prompt length at which --baseline and --fp8 compare time to first token
 ERRORS = []  # every failed measurement, as "what: error"
 
 
@@ -112,25 +123,6 @@ def config_json(shape: str) -> dict:
             "sliding_window": None, "use_sliding_window": False, "max_window_layers": L}
 
 
-def tensor_table(c: dict) -> list:
-    """(name, shape) of every tensor a released checkpoint stores, in file order."""
-    D, I, hd, V = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["vocab_size"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    out = [("model.embed_tokens.weight", (V, D))]
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (D,)), (p + "self_attn.q_proj.weight", (q, D)),
-                (p + "self_attn.k_proj.weight", (kv, D)), (p + "self_attn.v_proj.weight", (kv, D)),
-                (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
-                (p + "self_attn.o_proj.weight", (D, q)), (p + "post_attention_layernorm.weight", (D,)),
-                (p + "mlp.gate_proj.weight", (I, D)), (p + "mlp.up_proj.weight", (I, D)),
-                (p + "mlp.down_proj.weight", (D, I))]
-    out.append(("model.norm.weight", (D,)))
-    if not c["tie_word_embeddings"]:
-        out.append(("lm_head.weight", (V, D)))
-    return out
-
-
 def write_checkpoint(folder: str, shape: str, device, shard_bytes: int = 5 << 30) -> str:
     """Random bf16 weights, std 1/sqrt(fan_in) (activations stay finite), norms 1; reused if complete."""
     from safetensors.torch import save_file
@@ -145,7 +137,14 @@ def write_checkpoint(folder: str, shape: str, device, shard_bytes: int = 5 << 30
         if f.endswith((".safetensors", ".json", ".complete")):
             os.remove(os.path.join(folder, f))
     t0 = time.perf_counter()
-    table = tensor_table(c)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(c, f, indent=1)
+    cfg = nanofast.load_config(folder)
+    shapes = nanofast.checkpoint_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    rank = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}  # layers: 1
+    table = sorted(shapes.items(), key=lambda item: rank.get(item[0], 1))  # stable: layers keep their order
     total = sum(2 * torch.Size(s).numel() for _, s in table)
     n_shards = max(1, -(-total // shard_bytes))  # released checkpoints come in shards of a few GB
     shards, cur, size = [], [], 0
@@ -172,8 +171,6 @@ def write_checkpoint(folder: str, shape: str, device, shard_bytes: int = 5 << 30
     if len(shards) > 1:
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(c, f, indent=1)
     with open(done, "w") as f:
         f.write(json.dumps(c, sort_keys=True))
     print(f"  wrote {total / 1e9:.2f} GB random checkpoint ({len(shards)} file(s)) to {folder} "
@@ -185,13 +182,32 @@ def write_checkpoint(folder: str, shape: str, device, shard_bytes: int = 5 << 30
 # the floor: bytes per token and copy bandwidth
 
 
-def bytes_per_token(cfg) -> tuple:
-    """(weight bytes read per decode token, KV bytes per context token), at 2 bytes per value."""
-    D, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    layer = ((cfg.num_heads + 2 * cfg.num_kv_heads) * hd * D + D * cfg.num_heads * hd + 3 * I * D  # qkv, o, mlp
-             + 2 * D + 2 * hd)  # four norms
-    weights = 2 * (cfg.num_layers * layer + D + cfg.vocab_size * D)  # layers, final norm, lm_head
-    return weights, 2 * cfg.num_layers * cfg.num_kv_heads * hd * 2
+def bytes_per_token(cfg, fp8: bool = False) -> tuple:
+    """(weight bytes read per decode token, KV bytes per context token).
+
+    A decode step reads every weight once except the embedding, of which it reads one row;
+    lm_head is read whole (when tied it is the embedding, so that counts once). Weights are
+    bf16, except with fp8 the seven projections of each layer: 1 byte per value plus one
+    fp32 scale per 128x128 block. The KV cache is bf16 either way. For the released shapes
+    this gives (GB = 1e9 bytes) 1.192, 3.441, 8.045 and 15.137 GB in bf16 for 0.6B, 1.7B,
+    4B and 8B, and 0.752, 2.032, 4.413 and 8.193 GB with fp8."""
+    weights = 0
+    for name, shape in nanofast.checkpoint_shapes(cfg).items():
+        if name == "model.embed_tokens.weight":
+            continue
+        if fp8 and name.endswith("_proj.weight"):
+            rows, cols = shape
+            weights += rows * cols + 4 * -(-rows // 128) * -(-cols // 128)
+        else:
+            weights += 2 * math.prod(shape)
+    return weights, 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V
+
+
+def against_floor(tok_s, nbytes, bw) -> dict:
+    """tok/s next to the floor of reading nbytes per token at bw bytes/s."""
+    return {"tok_s": tok_s, "bytes_per_token": nbytes, "floor_tok_s": bw / nbytes if bw else None,
+            "floor_us": 1e6 * nbytes / bw if bw else None,
+            "frac_floor": tok_s * nbytes / bw if bw and tok_s else None}
 
 
 def copy_bandwidth(device, nbytes: int, reps: int = 10) -> float:
@@ -217,32 +233,50 @@ def nf_stats(engine, prompt, n, **sampling):
     return dict(engine.stats)
 
 
-def nf_decode(engine, prompt, tokens, runs, **sampling) -> dict:
-    nf_stats(engine, prompt, min(tokens, 16), **sampling)  # warm-up
-    tps = [nf_stats(engine, prompt, tokens, **sampling)["decode_tok_s"] for _ in range(runs)]
-    return {"tok_s": median(tps), "runs": tps}
+def side_by_side(what, engines: dict, prompt, n, runs, key, **sampling) -> dict:
+    """{label: engine.stats[key] of each run} for a warm-up and then runs rounds of n-token
+    generates, the engines taking turns within each round. An engine that fails drops out."""
+    values = {}
+    for label, engine in engines.items():
+        if attempt(f"{what} ({label})", nf_stats, engine, prompt, min(n, 16), **sampling) is not None:
+            values[label] = []
+    for _ in range(runs):
+        for label in list(values):
+            s = attempt(f"{what} ({label})", nf_stats, engines[label], prompt, n, **sampling)
+            if s is None:
+                del values[label]
+            else:
+                values[label].append(s[key])
+    return values
 
 
-def nf_ttft(engine, prompt, runs) -> float:
-    nf_stats(engine, prompt, 1)
-    return median([nf_stats(engine, prompt, 1)["ttft_s"] for _ in range(runs)])
+def ratio(a, b):
+    return a / b if a and b else None
 
 
-def timed_load(model_dir, device, **kw) -> tuple:
+def import_baseline(path: str):
+    spec = importlib.util.spec_from_file_location("nanofast_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look up their module there
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_fp8(model_dir, **kw):
+    engine = nanofast.load(model_dir, quantize="fp8", **kw)
+    # Engine passes unknown options on to the fast path only, so off it (CPU, --plain) an engine
+    # without fp8 support would load bf16 without complaint and be measured as fp8.
+    layer = vars(engine.weights.layers[0]).values()
+    if not any(getattr(t, "dtype", None) == torch.float8_e4m3fn for t in layer):
+        raise RuntimeError('load(quantize="fp8") returned an engine with no float8_e4m3fn layer weight')
+    return engine
+
+
+def timed_load(load, model_dir, device, **kw) -> tuple:
     t0 = time.perf_counter()
-    engine = nanofast.load(model_dir, device=device, **kw)
+    engine = load(model_dir, device=device, **kw)
     sync(device)
     return engine, time.perf_counter() - t0
-
-
-def kernel_table(events, steps: int, device_type) -> list:
-    """Aggregate profiler events of one device type by name: (name, count/step, us/step)."""
-    agg = {}
-    for e in events:
-        if e.device_type == device_type and (device_type != torch.autograd.DeviceType.CPU or e.cpu_parent is None):
-            n, us = agg.get(e.name, (0, 0.0))
-            agg[e.name] = (n + 1, us + e.time_range.elapsed_us())
-    return sorted(((k, n / steps, us / steps) for k, (n, us) in agg.items()), key=lambda r: -r[2])
 
 
 def profile_step(engine, vocab, steps=20, replays=200) -> dict | None:
@@ -253,18 +287,21 @@ def profile_step(engine, vocab, steps=20, replays=200) -> dict | None:
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = engine.device.type == "cuda"  # elsewhere top-level CPU ops stand in for kernels (tests)
     nf_stats(engine, random_prompt(128, vocab), 2)  # leaves the decoder at context ~130
     replays = max(0, min(replays, engine.max_seq_len - 140 - steps - 3 - 10))  # each step appends a token
     for _ in range(3):
         dec.run_step()
     sync(engine.device)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             dec.run_step()
         sync(engine.device)
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    rows = kernel_table(prof.events(), steps, kind)
+    agg = {}  # kernel name -> (count, us)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n, us = agg.get(e.name, (0, 0.0))
+            agg[e.name] = (n + 1, us + e.time_range.elapsed_us())
+    rows = sorted(((k, n / steps, us / steps) for k, (n, us) in agg.items()), key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)
     graph, replay_us = getattr(dec, "graph", None), None
     if graph is not None and replays > 10:
@@ -350,15 +387,11 @@ def bench_shape(name, model_dir, device, args, res: dict):
     cfg = nanofast.load_config(model_dir)
     res["config"] = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     res["weight_bytes"], res["kv_bytes_per_context_token"] = w_bytes, kv_bytes = bytes_per_token(cfg)
-    note = ""
-    if name in FACTS_WEIGHT_GB:
-        ok = abs(w_bytes / 1e9 - FACTS_WEIGHT_GB[name]) < 0.001
-        note = f" ({'matches' if ok else 'DIFFERS FROM'} FACTS.md {FACTS_WEIGHT_GB[name]} GB)"
     res["bandwidth_Bps"] = bw = attempt("bandwidth", copy_bandwidth, device,
                                         (1 << 30) if device.type == "cuda" else (256 << 20))
     free(device)
     print(f"  copy bandwidth {fmt(bw, '.2f', 1e-12, ' TB/s')}; weights read per token "
-          f"{w_bytes / 1e9:.3f} GB{note}; KV {kv_bytes:,} B per context token", flush=True)
+          f"{w_bytes / 1e9:.3f} GB; KV {kv_bytes:,} B per context token", flush=True)
     contexts = args.contexts_for(name, cfg)
     base = str(128 if 128 in contexts else contexts[0])  # the prompt length that sampling and peers use
     attempt(f"{name} nanofast", bench_nanofast, name, model_dir, device, args, cfg, contexts, base, res)
@@ -374,8 +407,7 @@ def bench_shape(name, model_dir, device, args, res: dict):
             continue
         res["peers"][kind] = p
         nf_tps, nf_ttft_s = res.get("decode", {}).get(base, {}).get("tok_s"), res.get("ttft_s", {}).get("128")
-        res["ratios"][kind] = {"decode": nf_tps / p["decode_tok_s"] if nf_tps else None,
-                               "ttft": p["ttft_s"] / nf_ttft_s if nf_ttft_s else None}
+        res["ratios"][kind] = {"decode": ratio(nf_tps, p["decode_tok_s"]), "ttft": ratio(p["ttft_s"], nf_ttft_s)}
 
 
 def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
@@ -383,37 +415,81 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
     max_seq_len = max(contexts + list(TTFT_PROMPTS)) + T + 512  # 512: room for --profile's extra steps
     kw = dict(max_seq_len=max_seq_len, fast=False if args.plain else None)
     res["startup_s"] = st = {}
-    engine, st["first"] = timed_load(model_dir, device, **kw)  # cold: JIT and capture caches not yet warm
+    engine, st["first"] = timed_load(nanofast.load, model_dir, device, **kw)  # cold: JIT and capture caches
     engine = None
     free(device)
-    engine, st["second"] = timed_load(model_dir, device, **kw)
+    engine, st["second"] = timed_load(nanofast.load, model_dir, device, **kw)
     res["path"] = "fast" if engine.fast else "plain"
     print(f"  nanofast {res['path']} path, {engine.dtype}, max_seq_len {max_seq_len}; startup (load + capture): "
           f"first {st['first']:.2f} s, second {st['second']:.2f} s", flush=True)
 
+    engines = {"new": engine}  # and the versions compared with it, all loaded at once
+    loaders = {}
+    if args.baseline:
+        res["baseline"] = {"file": args.baseline, "decode": {}}
+        if args.baseline_module:  # None when its import failed (noted in ERRORS)
+            loaders["baseline"] = args.baseline_module.load
+    if args.fp8:
+        res["fp8"] = {"weight_bytes": bytes_per_token(cfg, fp8=True)[0], "decode": {}}
+        loaders["fp8"] = load_fp8
+    for label, load in loaders.items():
+        got = attempt(f"{name} {label} load", timed_load, load, model_dir, device, **kw)
+        if got:
+            engines[label], res[label]["load_s"] = got
+            print(f"  {label} loaded in {got[1]:.2f} s", flush=True)
+        free(device)
+
     res["decode"] = dec = {}
     for ctx in contexts:
-        r = attempt(f"{name} decode ctx {ctx}", nf_decode, engine, random_prompt(ctx, V), T, args.runs)
-        if r is None:
-            continue
-        r["bytes_per_token"] = b = w_bytes + kv_bytes * (ctx + T / 2)  # KV at the decode's mean context
-        r["floor_tok_s"] = bw / b if bw else None
-        r["floor_us"] = 1e6 * b / bw if bw else None
-        r["frac_floor"] = r["tok_s"] / r["floor_tok_s"] if bw and r["tok_s"] else None
-        dec[str(ctx)] = r
-        print(f"  decode ctx {ctx}: {fmt(r['tok_s'], '.1f')} tok/s", flush=True)
-    s = attempt(f"{name} sampling", nf_decode, engine, random_prompt(int(base), V), T, args.runs, **SAMPLING)
+        runs = side_by_side(f"{name} decode ctx {ctx}", engines, random_prompt(ctx, V), T, args.runs,
+                            "decode_tok_s")
+        tok_s = {label: median(xs) for label, xs in runs.items()}
+        kv = kv_bytes * (ctx + T / 2)  # KV at the decode's mean context
+        new = tok_s.get("new")
+        if "new" in runs:
+            dec[str(ctx)] = {**against_floor(new, w_bytes + kv, bw), "runs": runs["new"]}
+        if "baseline" in runs:
+            res["baseline"]["decode"][str(ctx)] = {"baseline_tok_s": tok_s["baseline"], "new_tok_s": new,
+                                                   "ratio": ratio(new, tok_s["baseline"]),
+                                                   "baseline_runs": runs["baseline"]}
+        if "fp8" in runs:
+            res["fp8"]["decode"][str(ctx)] = {**against_floor(tok_s["fp8"], res["fp8"]["weight_bytes"] + kv, bw),
+                                              "runs": runs["fp8"], "bf16_tok_s": new,
+                                              "ratio": ratio(tok_s["fp8"], new)}
+        print(f"  decode ctx {ctx}: " + ", ".join(f"{label} {fmt(t, '.1f')} tok/s" for label, t in tok_s.items()),
+              flush=True)
+    s = side_by_side(f"{name} sampling", {"new": engine}, random_prompt(int(base), V), T, args.runs,
+                     "decode_tok_s", **SAMPLING).get("new")
+    res["sampling"] = s = {"tok_s": median(s), "runs": s} if s else None
     if s and s["tok_s"] and dec.get(base, {}).get("tok_s"):
         s["overhead_pct"] = 100 * (dec[base]["tok_s"] / s["tok_s"] - 1)  # extra time per token
-    res["sampling"] = s
-    res["ttft_s"] = {str(p): attempt(f"{name} ttft {p}", nf_ttft, engine, random_prompt(p, V), args.runs)
-                     for p in TTFT_PROMPTS}
+    res["ttft_s"] = {}
+    for p in TTFT_PROMPTS:
+        runs = side_by_side(f"{name} ttft {p}", engines if p == AB_TTFT else {"new": engine},
+                            random_prompt(p, V), 1, args.runs, "ttft_s")
+        ttft = {label: median(xs) for label, xs in runs.items()}
+        res["ttft_s"][str(p)] = new = ttft.get("new")
+        if p == AB_TTFT and "baseline" in res:
+            res["baseline"]["ttft_s"] = {"prompt": p, "baseline": ttft.get("baseline"), "new": new,
+                                         "ratio": ratio(new, ttft.get("baseline"))}
+        if p == AB_TTFT and "fp8" in res:
+            res["fp8"]["ttft_s"] = {"prompt": p, "bf16": new, "fp8": ttft.get("fp8"),
+                                    "ratio": ratio(ttft.get("fp8"), new)}
     if args.profile:
         res["profile"] = attempt(f"{name} profile", profile_step, engine, V)
 
 
 def fmt(x, spec, scale=1.0, unit=""):
     return "-" if x is None else f"{x * scale if scale != 1 else x:{spec}}{unit}"
+
+
+def print_ab_tail(r, a, b):
+    """The end of a --baseline or --fp8 block: a note if no decode run came back, then TTFT of a and b."""
+    if not r["decode"]:
+        print("  (not measured: see the failures below)")
+    t = r.get("ttft_s") or {}
+    print(f"  time to first token, {AB_TTFT} tokens: {a} {fmt(t.get(a), '.2f', 1e3, ' ms')}, "
+          f"{b} {fmt(t.get(b), '.2f', 1e3, ' ms')} ({b}/{a} {fmt(t.get('ratio'), '.3f', 1, 'x')})")
 
 
 def print_table(name, r, args):
@@ -429,6 +505,25 @@ def print_table(name, r, args):
     for ctx, d in r.get("decode", {}).items():
         print(f"  {ctx:>8} {d['bytes_per_token'] / 1e9:>9.3f} {fmt(d['floor_us'], '>9.1f')} "
               f"{fmt(d['floor_tok_s'], '>12.0f')} {fmt(d['tok_s'], '>9.1f')} {fmt(d['frac_floor'], '>8.1%')}")
+    b = r.get("baseline")
+    if b:
+        print(f"A/B against baseline {b['file']} (same process, runs taking turns, median of {args.runs}):")
+        print(f"  {'context':>8} {'baseline tok/s':>15} {'new tok/s':>10} {'new/baseline':>13}")
+        for ctx, d in b["decode"].items():
+            print(f"  {ctx:>8} {fmt(d['baseline_tok_s'], '>15.1f')} {fmt(d['new_tok_s'], '>10.1f')} "
+                  f"{fmt(d['ratio'], '>12.3f', 1, 'x')}")
+        print_ab_tail(b, "baseline", "new")
+    f8 = r.get("fp8")
+    if f8:
+        print(f"fp8 projections (quantize=\"fp8\"; runs taking turns with bf16, median of {args.runs}; "
+              f"weights read per token {f8['weight_bytes'] / 1e9:.3f} GB):")
+        print(f"  {'context':>8} {'GB/token':>9} {'floor tok/s':>12} {'tok/s':>9} {'of floor':>9} "
+              f"{'bf16 tok/s':>11} {'fp8/bf16':>9}")
+        for ctx, d in f8["decode"].items():
+            print(f"  {ctx:>8} {d['bytes_per_token'] / 1e9:>9.3f} {fmt(d['floor_tok_s'], '>12.0f')} "
+                  f"{fmt(d['tok_s'], '>9.1f')} {fmt(d['frac_floor'], '>8.1%')} {fmt(d['bf16_tok_s'], '>11.1f')} "
+                  f"{fmt(d['ratio'], '>8.3f', 1, 'x')}")
+        print_ab_tail(f8, "bf16", "fp8")
     s = r.get("sampling") or {}
     print(f"sampling (t 0.6, top-k 20, top-p 0.95): {fmt(s.get('tok_s'), '.1f', 1, ' tok/s')}, "
           f"{fmt(s.get('overhead_pct'), '+.1f', 1, '%')} time per token vs greedy")
@@ -497,6 +592,12 @@ def parse_args(argv=None):
     p.add_argument("--peer-tokens", type=int, default=128, help="new tokens per peer run (default 128)")
     p.add_argument("--peer-runs", type=int, default=3, help="runs per peer measurement (default 3)")
     p.add_argument("--profile", action="store_true", help="per-kernel times of one decode step")
+    p.add_argument("--baseline", metavar="FILE", help="another nanofast.py (e.g. an older commit's) to measure "
+                   f"in the same run, runs taking turns: decode tok/s per context and {AB_TTFT}-token TTFT, "
+                   "with ratios new/baseline")
+    p.add_argument("--fp8", action="store_true", help='also load with nanofast.load(..., quantize="fp8") and '
+                   "measure it in the same run, runs taking turns with bf16: decode tok/s per context against "
+                   f"its own floor (fp8 bytes), and {AB_TTFT}-token TTFT, with ratios fp8/bf16")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "nanofast-bench"),
                    help="where random checkpoints are written and reused (default: TMP/nanofast-bench)")
     p.add_argument("--out", help="also write the JSON to this file")
@@ -511,6 +612,9 @@ def parse_args(argv=None):
     bad = [s for s in shapes if s not in SHAPES]
     if bad and not a.model:
         p.error(f"unknown shape(s) {bad}; choose from {list(SHAPES)}")
+    if a.baseline and not os.path.isfile(a.baseline):
+        p.error(f"--baseline: no such file {a.baseline}")
+    a.baseline = a.baseline and os.path.abspath(a.baseline)
     a.shapes = [os.path.basename(os.path.normpath(a.model)).removeprefix("Qwen3-")] if a.model else shapes
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     a.contexts_for = lambda name, cfg: ints(a.contexts) if a.contexts else (
@@ -530,9 +634,10 @@ def main(argv=None) -> int:
            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
            "versions": versions(), "commit": git_commit(), "quick": args.quick, "plain": args.plain,
            "tokens": args.tokens, "runs": args.runs, "peer_tokens": args.peer_tokens,
-           "peer_runs": args.peer_runs, "shapes": {}, "errors": ERRORS}
+           "peer_runs": args.peer_runs, "baseline": args.baseline, "fp8": args.fp8, "shapes": {}, "errors": ERRORS}
     print(f"bench: {out['device']}; {out['versions']}; commit {out['commit']}"
           + ("; QUICK: not for claims" if args.quick else ""), flush=True)
+    args.baseline_module = args.baseline and attempt("baseline import", import_baseline, args.baseline)
     try:
         for name in args.shapes:
             print(f"\n-- {name} --", flush=True)

@@ -43,13 +43,8 @@ try:
     import triton.language as tl
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs: the kernels below are defined but never launched
-
-    class _NoTriton:
-        jit = staticmethod(lambda fn: fn)
-        constexpr = int
-        cdiv = staticmethod(lambda a, b: -(-a // b))
-
-    triton = tl = _NoTriton()
+    from types import SimpleNamespace
+    triton = tl = SimpleNamespace(jit=lambda fn: fn, constexpr=int)
     HAVE_TRITON = False
 
 DEFAULT_MODEL = os.path.join("weights", "Qwen3-0.6B")
@@ -64,6 +59,10 @@ class NanofastError(Exception):
 # config
 
 
+FP8_BLOCK = 128  # fp8 weights carry one scale per FP8_BLOCK x FP8_BLOCK block
+FP8_FORMAT = dict(quant_method="fp8", fmt="e4m3", weight_block_size=[FP8_BLOCK, FP8_BLOCK], activation_scheme="dynamic")
+
+
 @dataclass(frozen=True)
 class Config:
     vocab_size: int  # rows of the embedding and of lm_head
@@ -76,7 +75,7 @@ class Config:
     rms_norm_eps: float  # epsilon inside every RMSNorm
     rope_theta: float  # RoPE base frequency
     tie_word_embeddings: bool  # lm_head reuses the embedding matrix
-    max_position_embeddings: int  # longest context the model was trained for
+    fp8: bool = False  # projections stored as float8_e4m3fn with one scale per 128x128 block
 
 
 def _read_json(path: str) -> dict:
@@ -106,6 +105,15 @@ def load_config(model_dir: str) -> Config:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise NanofastError(f"{path}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    quant = raw.get("quantization_config")
+    if quant is not None:  # only the format of Qwen's FP8 releases; anything else would load as noise
+        q = quant if isinstance(quant, dict) else {}
+        got = dict(quant_method=q.get("quant_method"), fmt=q.get("fmt", "e4m3"),
+                   weight_block_size=q.get("weight_block_size"), activation_scheme=q.get("activation_scheme", "dynamic"))
+        bad = {k: v for k, v in got.items() if v != FP8_FORMAT[k]}
+        if bad:
+            raise NanofastError(f"{path}: quantization_config with {bad} is not supported; nanofast reads "
+                                "fp8 (e4m3) weights with 128x128 block scales")
     try:
         heads = int(raw["num_attention_heads"])
         cfg = Config(
@@ -119,7 +127,7 @@ def load_config(model_dir: str) -> Config:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 1e6))),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
+            fp8=raw.get("quantization_config") is not None,
         )
     except KeyError as e:
         raise NanofastError(f"{path}: missing field {e}") from None
@@ -160,6 +168,11 @@ class Layer:
     mlp_norm: torch.Tensor  # (D,)
     gate_up: torch.Tensor  # (2 I, D): gate and up projections stacked
     down: torch.Tensor  # (D, I)
+    # fp32 block scales of the four matrices above when they are fp8, (rows/128, cols/128); else None
+    qkv_s: torch.Tensor | None = None
+    o_s: torch.Tensor | None = None
+    gate_up_s: torch.Tensor | None = None
+    down_s: torch.Tensor | None = None
 
 
 @dataclass
@@ -190,7 +203,31 @@ def checkpoint_shapes(cfg: Config) -> dict:
             p + "mlp.up_proj.weight": (I, D),
             p + "mlp.down_proj.weight": (D, I),
         })
+    if cfg.fp8:  # each projection also stores the scales of its blocks
+        shapes.update({n[:-6] + "weight_scale_inv": (-(-s[0] // FP8_BLOCK), -(-s[1] // FP8_BLOCK))
+                       for n, s in shapes.items() if n.endswith("_proj.weight")})
     return shapes
+
+
+def quantize_fp8(w):  # (N, K) -> float8_e4m3fn (N, K), fp32 scales (N/B, K/B): w ~ q * scale per block
+    B, (N, K) = FP8_BLOCK, w.shape
+    nb, kb = -(-N // B), -(-K // B)
+    x = F.pad(w.float(), (0, kb * B - K, 0, nb * B - N)).view(nb, B, kb, B)
+    scale = x.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # 448: the largest float8_e4m3fn
+    q = (x / scale[:, None, :, None]).clamp(-448.0, 448.0).view(nb * B, kb * B)[:N, :K]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale
+
+
+def dequantize(w, scale, dtype):
+    """fp8 w (N, K) times its block scales (N/B, K/B) as a dtype matrix; w itself if scale is None."""
+    if scale is None:
+        return w
+    B, (N, K) = FP8_BLOCK, w.shape
+    if N % B or K % B:  # partial edge blocks (small test models): expand the scales
+        return (w.float() * scale.repeat_interleave(B, 0)[:N].repeat_interleave(B, 1)[:, :K]).to(dtype)
+    out = w.to(dtype)  # exact: every e4m3 value is a bf16/fp16/fp32 value
+    out.view(N // B, B, K // B, B).mul_(scale.view(N // B, 1, K // B, 1))  # in fp32, rounded once
+    return out
 
 
 def _checkpoint_files(model_dir: str) -> dict:
@@ -207,8 +244,10 @@ def _checkpoint_files(model_dir: str) -> dict:
     return {None: single}
 
 
-def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device) -> Weights:
-    """Load, check and fuse the weights, one tensor at a time (peak memory ~ one copy)."""
+def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quantize=False, keep_fp8=False) -> Weights:
+    """Load, check and fuse the weights, one tensor at a time (peak memory ~ one copy). The
+    projections of an fp8 checkpoint, or of any with quantize, stay fp8 with their block scales
+    if keep_fp8 (stacking needs rows in whole 128-blocks), else they are dequantized to dtype."""
     from safetensors import safe_open
 
     expected = checkpoint_shapes(cfg)
@@ -235,30 +274,41 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device) -> Wei
     if unexpected:
         raise NanofastError(f"checkpoint has unexpected tensor(s): {', '.join(unexpected[:5])}")
     for name, h in where.items():
-        shape = tuple(h.get_slice(name).get_shape())
+        info = h.get_slice(name)
+        shape, kind = tuple(info.get_shape()), info.get_dtype()
         if shape != expected[name]:
             raise NanofastError(f"tensor {name} has shape {shape}, expected {expected[name]}")
+        if cfg.fp8 and name.endswith("_proj.weight") and kind != "F8_E4M3":
+            raise NanofastError(f"tensor {name} is {kind}, expected F8_E4M3 (config.json says fp8)")
 
-    def get(name):
+    def get(name, to=dtype):
         try:
-            return where[name].get_tensor(name).to(dtype)
+            return where[name].get_tensor(name).to(to)
         except Exception as e:
             raise NanofastError(f"cannot read tensor {name} ({e})") from None
+
+    def linear(*names):  # projections stacked -> (weight, fp8 block scales or None)
+        if cfg.fp8:
+            pairs = [(get(n + ".weight", None), get(n + ".weight_scale_inv", torch.float32)) for n in names]
+        elif quantize:
+            pairs = [quantize_fp8(get(n + ".weight", None)) for n in names]
+        else:
+            return torch.cat([get(n + ".weight") for n in names]), None
+        if not keep_fp8:
+            return torch.cat([dequantize(w, s, dtype) for w, s in pairs]), None
+        return torch.cat([w for w, _ in pairs]), torch.cat([s for _, s in pairs])
 
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        layers.append(Layer(
-            attn_norm=get(p + "input_layernorm.weight"),
-            qkv=torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")]),
-            q_norm=get(a + "q_norm.weight"),
-            k_norm=get(a + "k_norm.weight"),
-            o=get(a + "o_proj.weight"),
-            mlp_norm=get(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]),
-            down=get(m + "down_proj.weight"),
-        ))
+        qkv, qkv_s = linear(a + "q_proj", a + "k_proj", a + "v_proj")
+        o, o_s = linear(a + "o_proj")
+        gate_up, gate_up_s = linear(m + "gate_proj", m + "up_proj")
+        down, down_s = linear(m + "down_proj")
+        layers.append(Layer(attn_norm=get(p + "input_layernorm.weight"), qkv=qkv, q_norm=get(a + "q_norm.weight"),
+                            k_norm=get(a + "k_norm.weight"), o=o, mlp_norm=get(p + "post_attention_layernorm.weight"),
+                            gate_up=gate_up, down=down, qkv_s=qkv_s, o_s=o_s, gate_up_s=gate_up_s, down_s=down_s))
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
     return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
@@ -344,10 +394,6 @@ class KVCache:
         k, v = self.k[layer], self.v[layer]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
 
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
 
 # -----------------------------------------------------------------------------
 # model (plain torch: the CPU path, and the reference for the fast path)
@@ -389,15 +435,16 @@ def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int,
     cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
     x = w.embed[ids]  # (T, D)
     for i, L in enumerate(w.layers):
-        q, k, v = (rms_norm(x, L.attn_norm, eps) @ L.qkv.T).split([Hq * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q, k, v = (rms_norm(x, L.attn_norm, eps) @ dequantize(L.qkv, L.qkv_s, x.dtype).T).split(
+            [Hq * hd, Hkv * hd, Hkv * hd], dim=-1)
         q = apply_rope(rms_norm(q.view(T, Hq, hd), L.q_norm, eps), cos, sin)
         k = apply_rope(rms_norm(k.view(T, Hkv, hd), L.k_norm, eps), cos, sin)
         k_cache, v_cache = cache.flat(i)
         k_cache[pos:pos + T] = k
         v_cache[pos:pos + T] = v.view(T, Hkv, hd)
-        x = x + attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ L.o.T
-        gate, up = (rms_norm(x, L.mlp_norm, eps) @ L.gate_up.T).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ L.down.T
+        x = x + attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ dequantize(L.o, L.o_s, x.dtype).T
+        gate, up = (rms_norm(x, L.mlp_norm, eps) @ dequantize(L.gate_up, L.gate_up_s, x.dtype).T).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ dequantize(L.down, L.down_s, x.dtype).T
     if last_only:
         x = x[-1:]
     return (rms_norm(x, w.norm, eps) @ w.lm_head.T).float()
@@ -519,6 +566,33 @@ def _load_bcast(ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.con
 
 
 @triton.jit
+def _acc_zeros(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+    if FP8:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 128], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _acc(acc, w, a, s_ptr, row0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
+         FP8: tl.constexpr):
+    # acc += w * a for the weight tile at columns k0... fp8: the partial sums of each 128-column
+    # group times its block scale (the program's rows lie in one 128-row block: BLOCK_N divides
+    # 128). Summed per tile, acc stays [BLOCK_N, BLOCK_K / 128], so fp8 tiles can be wide enough
+    # to keep as many bytes in flight as bf16's without running out of registers.
+    if FP8:
+        G: tl.constexpr = BLOCK_K // 128
+        KB: tl.constexpr = (K + 127) // 128
+        g = k0 // 128 + tl.arange(0, G)
+        scale = tl.load(s_ptr + (row0 // 128) * KB + g, mask=g < KB, other=0.0)
+        acc += tl.sum(tl.reshape(w.to(tl.float32) * a, [BLOCK_N, G, 128]), axis=2) * scale[None, :]
+    else:
+        acc += w.to(tl.float32) * a
+    return acc
+
+
+@triton.jit
 def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
              EVEN_K: tl.constexpr):
     # x * norm_w for columns kk (as a weight-shaped tile) and x^2 (1-D, summed after
@@ -529,12 +603,13 @@ def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K:
     return xn, x * x
 
 
-def gemv_config(N, K, split_k=False):
-    """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] bf16 GEMV, launched with 4 warps.
+def gemv_config(N, K, split_k=False, fp8=False):
+    """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] bf16 (or fp8) GEMV, launched with 4 warps.
 
     An H100 needs roughly 16-32 KB of loads in flight per SM to saturate HBM, and matrices
     range from ~4 MB (0.6B o_proj) to ~100 MB (8B gate_up), so:
-      * BLOCK_K = 512: a warp reads 256 contiguous bf16 of a row, 16 bytes per thread;
+      * BLOCK_K = 512: a warp reads 256 contiguous bf16 of a row, 16 bytes per thread
+        (fp8: up to 2048, summed per 128-column group, see _acc);
       * BLOCK_N = 8 rows while that still gives >= 3 programs per SM, else 4, to keep
         every SM busy (16 rows measured slower, lm_head included);
       * small-N matrices (o_proj, down_proj: N = D) instead split K into up to 8 ranges
@@ -542,10 +617,17 @@ def gemv_config(N, K, split_k=False):
     Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for
     rmsnorm_gemv_silu, which holds two tiles): beyond that the tile, its prefetch and the
     fp32 accumulator spill registers on sm_90."""
-    BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
-    if split_k:
-        BLOCK_K = min(BLOCK_K, 256)
-        return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
+    if fp8:  # whole 128-column groups, up to 16K weights per tile (an H200 sweep's best)
+        BLOCK_K = min(2048, max(128, triton.next_power_of_2(K)))
+        if split_k:  # 1024-wide tiles, split while there are fewer than 3 programs per SM
+            BLOCK_K = min(BLOCK_K, 1024)
+            return 8, BLOCK_K, min(triton.cdiv(K, BLOCK_K), max(2, triton.cdiv(3 * num_sms(), triton.cdiv(N, 8))))
+        return max(1, min(16, 16384 // BLOCK_K)), BLOCK_K, 1
+    else:
+        BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
+        if split_k:
+            BLOCK_K = min(BLOCK_K, 256)
+            return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
     return (8 if triton.cdiv(N, 8) >= 3 * num_sms() else 4), BLOCK_K, 1
 
 
@@ -554,49 +636,53 @@ def gemv_config(N, K, split_k=False):
 # x, so the norm costs no extra launch and no extra pass.
 
 @triton.jit
-def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
+def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
                          N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N]
+                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)                                # [BLOCK_N]
     cols = tl.arange(0, BLOCK_K)                                       # [BLOCK_K]
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # [BLOCK_N, BLOCK_K]
     LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
     w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)              # before the wait: weights are constant
     _pdl_wait(USE_PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, LAST, BLOCK_K):
         w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
         xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-        acc += w.to(tl.float32) * xn
+        acc = _acc(acc, w, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
         ss += x2
         w = w_next
     xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc += w.to(tl.float32) * xn
+    acc = _acc(acc, w, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
     ss += x2
     rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     y = tl.sum(acc, axis=1) * rstd                                     # [BLOCK_N]
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-def rmsnorm_gemv(x, norm_w, W, out, eps, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x fp32[K], norm_w [K], W [N, K], out [N] (bf16/fp16 for qkv, fp32 for logits)"""
+def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
+    """x fp32[K], norm_w [K], W [N, K] (fp8 with block scales, or as out), out [N] (bf16/fp16 for
+    qkv, fp32 for logits)"""
     N, K = W.shape
-    bn, bk, _ = gemv_config(N, K)
+    bn, bk, _ = gemv_config(N, K, fp8=scale is not None)
     BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
     _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, norm_w, W, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+        x, norm_w, W, W if scale is None else scale, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
 
 @triton.jit
-def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
+def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
                               I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                              USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N], in 0..I-1
+                              FP8: tl.constexpr, USE_PDL: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)                                # [BLOCK_N], in 0..I-1
     cols = tl.arange(0, BLOCK_K)
     g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # gate rows
     u_ptrs = g_ptrs + I * K                                            # up rows sit I rows below
@@ -604,22 +690,22 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
     wg = _load_w(g_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
     wu = _load_w(u_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
+    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, LAST, BLOCK_K):
         nk = k0 + BLOCK_K + cols
         wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
         wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
         xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-        acc_g += wg.to(tl.float32) * xn
-        acc_u += wu.to(tl.float32) * xn
+        acc_g = _acc(acc_g, wg, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
+        acc_u = _acc(acc_u, wu, xn, s_ptr, I + row0, k0, BLOCK_N, BLOCK_K, K, FP8)
         ss += x2
         wg = wg_next
         wu = wu_next
     xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc_g += wg.to(tl.float32) * xn
-    acc_u += wu.to(tl.float32) * xn
+    acc_g = _acc(acc_g, wg, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
+    acc_u = _acc(acc_u, wu, xn, s_ptr, I + row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
     ss += x2
     rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     gate = tl.sum(acc_g, axis=1) * rstd
@@ -628,17 +714,18 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, eps,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
 
 
-def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up), out [I] (bf16/fp16).
-    BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows; the default is
-    the config of the whole [2I, K] matrix with BLOCK_N halved."""
+def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
+    """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up) (fp8 with block scales, or as out),
+    out [I] (bf16/fp16). BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows;
+    the default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
     N2, K = W_gu.shape
     I = N2 // 2
-    bn, bk, _ = gemv_config(N2, K)
-    BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk
+    bn, bk, _ = gemv_config(N2, K, fp8=scale is not None)
+    BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk  # fp8: 8192 weights per matrix and tile
     _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
-        x, norm_w, W_gu, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+        x, norm_w, W_gu, W_gu if scale is None else scale, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
@@ -648,23 +735,26 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, BLOCK_N=None, BLOCK_K=None, use
 # so the last bits of h vary run to run.
 
 @triton.jit
-def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
+def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
                      N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     k_begin = tl.program_id(1) * KS
     cols = k_begin + tl.arange(0, BLOCK_K)                             # [BLOCK_K] columns of tile 0
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
     w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
     for k0 in range(0, KS - BLOCK_K, BLOCK_K):
         w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, cols + (k0 + BLOCK_K), N, K, EVEN_N, EVEN_K)
-        acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
+        a = _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
+        acc = _acc(acc, w, a, s_ptr, row0, k_begin + k0, BLOCK_N, BLOCK_K, K, FP8)
         w = w_next
     LAST: tl.constexpr = KS - BLOCK_K
-    acc += w.to(tl.float32) * _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
+    a = _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
+    acc = _acc(acc, w, a, s_ptr, row0, k_begin + LAST, BLOCK_N, BLOCK_K, K, FP8)
     y = tl.sum(acc, axis=1)                                            # [BLOCK_N]
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
@@ -673,16 +763,17 @@ def _gemv_add_kernel(a_ptr, w_ptr, h_ptr,
         tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
 
 
-def gemv_add(a, W, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
-    """a [K] (bf16), W [N, K], h fp32[N]  ->  h += W @ a"""
+def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
+    """a [K] (bf16), W [N, K] (fp8 with block scales, or as a), h fp32[N]  ->  h += W @ a"""
     N, K = W.shape
-    bn, bk, sk = gemv_config(N, K, split_k=True)
+    bn, bk, sk = gemv_config(N, K, split_k=True, fp8=scale is not None)
     BLOCK_N, BLOCK_K, SPLIT_K = BLOCK_N or bn, BLOCK_K or bk, SPLIT_K or sk
     KS = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
-        a, W, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+        a, W, W if scale is None else scale, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % KS == 0, FP8=scale is not None, USE_PDL=use_pdl, launch_pdl=use_pdl,
+        num_warps=4)
 
 
 # --- 5. decode attention: q/k RMSNorm + RoPE + KV-cache append, then split-KV attention
@@ -870,25 +961,22 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
 #
 # Sampler.sample() launches the same 7 kernels on every call, each on one grid of
 # cdiv(V, BLOCK) programs (program pid owns logits [pid*BLOCK, (pid+1)*BLOCK)): a first
-# pass (argmax, max, and the first top-k digit), two more top-k digits, three top-p
-# digits, and a Gumbel draw that writes tok, ring, pos and step. Nothing is allocated and
-# the host reads nothing, so the sequence is captured once; the settings live in device
-# memory, and kernels the settings do not need return right after reading them.
+# pass (argmax, max, the first top-k digit), two more top-k digits, three top-p digits,
+# and a Gumbel draw that writes tok, ring, pos and step. The settings live in device
+# memory; kernels they do not need return right after reading them.
 #
 # Semantics are transformers': scores = logits / temperature; top-k keeps scores >= the
 # k-th largest (ties kept); top-p, on the softmax over the top-k survivors, keeps a token
-# iff the mass of the tokens scored strictly higher is < top_p; then sample from the
-# softmax over the kept tokens.
+# iff the mass of the tokens scored strictly higher is < top_p; then a draw from the rest.
 #
 # * Keys. key(s) is the order-preserving uint32 image of the fp32 score (negative: flip
 #   all bits; positive: flip the sign bit; -0.0 counts as +0.0), so each filter becomes a
 #   threshold on the key: allowed = {i : key_i >= threshold}, ties included.
 # * Radix select. The threshold is found digit by digit, most significant first. Each
 #   pass histograms the elements whose higher bits equal the prefix found so far (counts
-#   for top-k, mass exp(s - s_max) for top-p); the program that finishes last (it draws
-#   the last ticket of an acq_rel counter, so it sees every other program's atomics)
-#   finds the bin that holds the k-th element, or where the mass reaches top_p * Z_k,
-#   extends the prefix, and zeroes the bins and the counter for the next pass.
+#   for top-k, mass exp(s - s_max) for top-p); the program that finishes last (see
+#   _is_last_program) finds the bin that holds the k-th element, or where the mass
+#   reaches top_p * Z_k, extends the prefix, and zeroes the bins and its counter.
 # * Top-p candidates. Token i cannot survive top-p if n * w_i <= (1 - top_p) * Z_k, with
 #   w_i = exp(s_i - s_max) and n the size of the top-k set: the tokens at or below it hold
 #   at most that mass. Leaving them out of the histograms cannot move the threshold, and
@@ -1350,9 +1438,11 @@ def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for
 def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int, last_only=True,
                     attention=flashinfer_attention):
     """forward() for prefill on CUDA: the same math and roundings, in 9 launches per layer plus
-    FlashInfer attention. The residual add of each MLP is folded into the next RMSNorm."""
+    FlashInfer attention (fp8 weights: plus their dequantization, one matrix at a time). The
+    residual add of each MLP is folded into the next RMSNorm."""
     T, Hq, hd, eps = ids.shape[0], cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
     x = w.embed[ids]  # (T, D) residual stream, updated in place
+    dense = lambda m, scale: dequantize(m, scale, x.dtype)  # noqa: E731
     xn = torch.empty_like(x)  # normed input of the next matmul
     q = torch.empty(T, Hq, hd, dtype=x.dtype, device=x.device)
     act = torch.empty(T, cfg.intermediate_size, dtype=x.dtype, device=x.device)
@@ -1360,9 +1450,11 @@ def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int
     for i, L in enumerate(w.layers):
         rms_norm_rows(x, L.attn_norm, eps, xn, add=down)
         k_cache, v_cache = cache.flat(i)
-        qk_norm_rope_rows(xn @ L.qkv.T, L.q_norm, L.k_norm, rope[0], rope[1], pos, q, k_cache, v_cache, eps)
-        rms_norm_rows(x, L.mlp_norm, eps, xn, add=attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ L.o.T)
-        down = silu_mul_rows(xn @ L.gate_up.T, act) @ L.down.T
+        qk_norm_rope_rows(xn @ dense(L.qkv, L.qkv_s).T, L.q_norm, L.k_norm, rope[0], rope[1], pos, q, k_cache,
+                          v_cache, eps)
+        attn = attention(q, k_cache[:pos + T], v_cache[:pos + T], pos)
+        rms_norm_rows(x, L.mlp_norm, eps, xn, add=attn @ dense(L.o, L.o_s).T)
+        down = silu_mul_rows(xn @ dense(L.gate_up, L.gate_up_s).T, act) @ dense(L.down, L.down_s).T
     if last_only:
         x, xn, down = x[-1:], xn[-1:], down[-1:]
     return (rms_norm_rows(x, w.norm, eps, xn, add=down) @ w.lm_head.T).float()
@@ -1423,12 +1515,12 @@ class FastDecoder:
         embed(s.tok, w.embed, self.h, use_pdl=pdl)
         for i, L in enumerate(w.layers):
             k_cache, v_cache = e.cache.flat(i)
-            rmsnorm_gemv(self.h, L.attn_norm, L.qkv, self.qkv, eps, use_pdl=pdl)
+            rmsnorm_gemv(self.h, L.attn_norm, L.qkv, self.qkv, eps, L.qkv_s, use_pdl=pdl)
             decode_attention(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, k_cache, v_cache, self.attn,
                              self.attn_scratch, scale, eps, use_pdl=pdl)
-            gemv_add(self.attn, L.o, self.h, use_pdl=pdl)
-            rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, use_pdl=pdl)
-            gemv_add(self.act, L.down, self.h, use_pdl=pdl)
+            gemv_add(self.attn, L.o, self.h, L.o_s, use_pdl=pdl)
+            rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, L.gate_up_s, use_pdl=pdl)
+            gemv_add(self.act, L.down, self.h, L.down_s, use_pdl=pdl)
         rmsnorm_gemv(self.h, w.norm, w.lm_head, self.logits, eps, use_pdl=pdl)
         s.sample(self.logits, use_pdl=pdl)
 
@@ -1544,19 +1636,27 @@ class Engine:
 
     On CUDA with bf16/fp16 weights, Triton and FlashInfer, decoding runs as one CUDA
     graph per token (engine.fast is True); elsewhere, or with fast=False, it runs the
-    plain-torch model above."""
+    plain-torch model above. An fp8 checkpoint, or quantize="fp8", keeps the projections in
+    fp8 on CUDA (one byte per weight) and dequantizes them to dtype on the CPU."""
 
     def __init__(self, model_dir: str, device=None, dtype=None, max_seq_len: int = 4096,
-                 page_size: int = 16, fast: bool | None = None, verbose: bool = True):
+                 page_size: int = 16, fast: bool | None = None, quantize: str | None = None, verbose: bool = True):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if max_seq_len < 2:
             raise NanofastError(f"max_seq_len must be at least 2, got {max_seq_len}")
-        self.cfg = load_config(model_dir)
+        if quantize not in (None, "fp8"):
+            raise NanofastError(f"cannot quantize to {quantize!r}; nanofast quantizes to fp8")
+        self.cfg = c = load_config(model_dir)
         self.max_seq_len = max_seq_len
-        self.weights = load_weights(model_dir, self.cfg, self.dtype, self.device)
+        self.fp8 = c.fp8 or quantize == "fp8"  # the projections are fp8 values
+        self.weight_format = "fp8" if self.fp8 else str(self.dtype).replace("torch.", "")
+        # fp8 stays fp8 on CUDA; its kernels stack matrices, so rows come in whole 128-blocks
+        rows = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim)
+        keep_fp8 = self.fp8 and self.device.type == "cuda" and all(n % FP8_BLOCK == 0 for n in rows)
+        self.weights = load_weights(model_dir, c, self.dtype, self.device, quantize == "fp8", keep_fp8)
         self.cache = KVCache(self.cfg, max_seq_len, page_size, self.dtype, self.device)
         self.rope = rope_tables(self.cfg, max_seq_len, self.device)
         self.pos = 0  # tokens held in the cache (plain path)
@@ -1590,7 +1690,7 @@ class Engine:
         t0 = time.perf_counter()
         self.decoder = FastDecoder(self)
         gib = 2 ** 30
-        self._log(f"KV cache {self.cache.nbytes / gib:.2f} GiB for {self.max_seq_len} tokens; CUDA graph "
+        self._log(f"KV cache {self.cache.data.nbytes / gib:.2f} GiB for {self.max_seq_len} tokens; CUDA graph "
                   f"captured in {time.perf_counter() - t0:.1f} s; GPU memory in use "
                   f"{torch.cuda.memory_reserved(self.device) / gib:.2f} GiB")
 
@@ -1656,7 +1756,7 @@ class Engine:
             source.close()
             t_end = time.perf_counter()
             self.stop_reason = self.stop_reason or "interrupted"
-            self.stats = dict(prompt_tokens=P, generated_tokens=n,
+            self.stats = dict(weights=self.weight_format, prompt_tokens=P, generated_tokens=n,
                               ttft_s=(t_first - t0) if t_first else None,
                               decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 else None,
                               total_s=t_end - t0)
@@ -1707,6 +1807,8 @@ def parse_args(argv=None):
                    "(default 4096)")
     p.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--quantize", choices=["fp8"], help="quantize a bf16 checkpoint's projections to fp8 (128x128 "
+                   "block scales) while loading; FP8 checkpoints load as fp8 without it")
     p.add_argument("--plain", action="store_true", help="on CUDA, run the plain-torch path instead of the CUDA graph")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, stop reason, timings) "
                    "instead of streaming text")
@@ -1768,8 +1870,9 @@ def run(args) -> int:
     check_prompt(len(prompt_ids), args.max_seq_len)  # before the slow part
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                  fast=not args.plain)
-    print(f"[nanofast] loaded {args.model} on {device} ({str(engine.dtype).replace('torch.', '')}, "
+                  fast=not args.plain, quantize=args.quantize)
+    print(f"[nanofast] loaded {args.model} on {device} ({engine.weight_format} weights, "
+          f"{str(engine.dtype).replace('torch.', '')} activations, "
           f"{'CUDA graph' if engine.fast else 'plain torch'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
     generation = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens,

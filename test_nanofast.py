@@ -11,29 +11,81 @@ skip when that variable is unset; the model-math tests always run.
 
 CPU tests come first; GPU tests (marked requires_cuda) follow at the end of the file.
 """
+import contextlib
+import json
+import math
 import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
 if not torch.cuda.is_available():  # GPU kernels are tested under Triton's interpreter on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (before nanofast or triton is imported)
 
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import tokenizers  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoTokenizer, Qwen3ForCausalLM  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 import nanofast  # noqa: E402
 
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if HAVE_TRITON and INTERPRET:
+    # Two work-arounds for triton 3.6's interpreter only (compiled kernels never see them):
+    # 1. it turns a scalar loaded from memory into a Python int with int(ndarray), which
+    #    numpy >= 2.4 refuses for shape-(1,) arrays: decode attention's loop bounds come
+    #    from pos in memory;
+    # 2. its tl.dot multiplies bf16 operands as their raw uint16 bits: widen them to fp32
+    #    (exact) first.
+    import triton.language as tl
+    import triton.runtime.interpreter as _interp
+
+    def _patch_lang_tensor(tensor, scope, _original=_interp._patch_lang_tensor):
+        _original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    def _create_dot(self, a, b, d, *args, _original=_interp.InterpreterBuilder.create_dot):
+        def widen(x):
+            if x.dtype != tl.bfloat16:
+                return x
+            return _interp.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return _original(self, widen(a), widen(b), d, *args)
+
+    if not getattr(_interp, "_nanofast_test_fix", False):  # once, should this file be imported twice
+        _interp._patch_lang_tensor = _patch_lang_tensor
+        _interp.InterpreterBuilder.create_dot = _create_dot
+        _interp._nanofast_test_fix = True
+
+
+def _fast_path_available():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+requires_fast = pytest.mark.skipif(not _fast_path_available(), reason="needs CUDA and FlashInfer")
 
 _files = os.environ.get("NANOFAST_QWEN3_FILES")
 QWEN3_FILES = Path(_files).resolve() if _files else None
@@ -85,95 +137,101 @@ def released_config(name="Qwen3-0.6B") -> dict:
     return json.loads((QWEN3_FILES / f"{name}.config.json").read_text())
 
 
-def make_checkpoint(d, *, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
-                    tied=True, store_lm_head=False, shards=1, seed=0, rope_form="theta",
-                    dtype=torch.bfloat16, tokenizer_json=None):
-    """Lay out a random tiny Qwen3 in folder d exactly like a downloaded checkpoint.
+def with_rope_parameters(raw):  # config.json's RoPE as transformers 5 saves it
+    raw.pop("rope_scaling", None)
+    raw["rope_parameters"] = {"rope_theta": float(raw.pop("rope_theta")), "rope_type": "default"}
+    return raw
 
-    config.json is the released 0.6B config with the sizes substituted (vocab_size stays
-    151936 so the real tokenizer works). With NANOFAST_QWEN3_FILES set, the tokenizer
-    files and generation_config.json are copied in and tokenizer.json is copied from
-    tokenizer_json, or built with make_tokenizer.py when that is None.
 
-    Weights: embeddings (and an untied lm_head) std 1, so logits have std ~sqrt(hidden)
-    and the top-2 gap is large; projections std 1/sqrt(fan_in); o_proj and down_proj 8x
-    that, so the layers outweigh the input embedding in the residual stream (with a
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def edit_json(path, edit):  # edit(dict) changes the file's object in place
+    obj = json.loads(Path(path).read_text())
+    edit(obj)
+    write_json(path, obj)
+
+
+def random_weights(cfg, *, seed=0, resid_gain=8, store_lm_head=False, dtype=torch.bfloat16, device="cpu"):
+    """{name: CPU tensor in dtype} for every tensor of cfg's checkpoint, drawn on device
+    (CUDA makes the released shapes fast) from one seeded generator.
+
+    Embeddings (and an untied lm_head) std 1, so logits have std ~sqrt(hidden) and the
+    top-2 gap is large; projections std 1/sqrt(fan_in); o_proj and down_proj resid_gain
+    times that, so the layers outweigh the input embedding in the residual stream (with a
     tied lm_head a weaker residual makes greedy decoding repeat the input token forever);
     norm weights 1 + 0.1 noise."""
+    shapes = nanofast.checkpoint_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = {}
+    for name, shape in shapes.items():
+        x = torch.randn(shape, generator=g, device=device)
+        if name.endswith("norm.weight"):
+            x = 1 + 0.1 * x
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            x = x * (resid_gain / shape[1] ** 0.5)
+        elif name.endswith("proj.weight"):
+            x = x / shape[1] ** 0.5
+        w[name] = x.to(dtype).cpu().contiguous()
+    if cfg.tie_word_embeddings and store_lm_head:  # some tied checkpoints store a copy of the embedding
+        w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+    return w
+
+
+def save_weights(d, w, shards=1):
+    """Write w into folder d as model.safetensors, or as `shards` files and their
+    model.safetensors.index.json, replacing any weights there."""
+    d = Path(d)
+    for f in [*d.glob("model*.safetensors"), *d.glob("model.safetensors.index.json")]:
+        f.unlink()
+    if shards == 1:
+        save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(w)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: w[k] for k in names[s * per:(s + 1) * per]}
+        save_file(part, str(d / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    total = sum(t.numel() * t.element_size() for t in w.values())
+    write_json(d / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def make_checkpoint(d, *, vocab=None, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                    tied=True, store_lm_head=False, shards=1, seed=0, rope_form="theta", dtype=torch.bfloat16,
+                    tokenizer_json=None, resid_gain=8, device="cpu"):
+    """Lay out a random Qwen3 in folder d exactly like a downloaded checkpoint.
+
+    config.json is the released 0.6B config with the sizes substituted; vocab_size stays
+    151936 (so the real tokenizer works) unless vocab is given. With tokenizer_json (the
+    fixture's, None without NANOFAST_QWEN3_FILES) the tokenizer files and
+    generation_config.json are copied in too. The weights are random_weights'."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     cfg = released_config()
     cfg.update(hidden_size=hidden, num_hidden_layers=layers, max_window_layers=layers,
                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                intermediate_size=intermediate, tie_word_embeddings=tied)
-    if rope_form == "parameters":  # as transformers 5 saves it
-        cfg.pop("rope_scaling", None)
-        cfg["rope_parameters"] = {"rope_theta": float(cfg.pop("rope_theta")), "rope_type": "default"}
-    else:
-        assert rope_form == "theta"
-    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if QWEN3_FILES is not None:
+    if vocab is not None:
+        cfg["vocab_size"] = vocab
+    assert rope_form in ("theta", "parameters")
+    write_json(d / "config.json", with_rope_parameters(cfg) if rope_form == "parameters" else cfg)
+    if tokenizer_json is not None:
         for f in TOKENIZER_FILES:
             shutil.copyfile(QWEN3_FILES / f, d / f)
-        if tokenizer_json is not None:
-            shutil.copyfile(tokenizer_json, d / "tokenizer.json")
-        else:
-            subprocess.run([sys.executable, str(QWEN3_FILES / "make_tokenizer.py"), str(d)],
-                           check=True, capture_output=True)
-
-    V = cfg["vocab_size"]
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return torch.randn(*shape, generator=g) * std
-
-    def norm_weight(n):
-        return 1.0 + 0.1 * randn(n)
-
-    q, kv = heads * head_dim, kv_heads * head_dim
-    w = {"model.embed_tokens.weight": randn(V, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm_weight(hidden)
-        w[p + "self_attn.q_proj.weight"] = randn(q, hidden, std=hidden ** -0.5)
-        w[p + "self_attn.k_proj.weight"] = randn(kv, hidden, std=hidden ** -0.5)
-        w[p + "self_attn.v_proj.weight"] = randn(kv, hidden, std=hidden ** -0.5)
-        w[p + "self_attn.o_proj.weight"] = randn(hidden, q, std=8 * q ** -0.5)
-        w[p + "self_attn.q_norm.weight"] = norm_weight(head_dim)
-        w[p + "self_attn.k_norm.weight"] = norm_weight(head_dim)
-        w[p + "post_attention_layernorm.weight"] = norm_weight(hidden)
-        w[p + "mlp.gate_proj.weight"] = randn(intermediate, hidden, std=hidden ** -0.5)
-        w[p + "mlp.up_proj.weight"] = randn(intermediate, hidden, std=hidden ** -0.5)
-        w[p + "mlp.down_proj.weight"] = randn(hidden, intermediate, std=8 * intermediate ** -0.5)
-    w["model.norm.weight"] = norm_weight(hidden)
-    if not tied:
-        w["lm_head.weight"] = randn(V, hidden)
-    elif store_lm_head:  # some tied checkpoints store a copy of the embedding
-        w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
-    w = {k: v.to(dtype).contiguous() for k, v in w.items()}
-    for f in list(d.glob("model*.safetensors")) + list(d.glob("model.safetensors.index.json")):
-        f.unlink()
-    if shards == 1:
-        save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        names = list(w)
-        per = -(-len(names) // shards)
-        weight_map = {}
-        for s in range(shards):
-            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: w[k] for k in names[s * per:(s + 1) * per]}
-            save_file(part, str(d / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-        total = sum(t.numel() * t.element_size() for t in w.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        shutil.copyfile(tokenizer_json, d / "tokenizer.json")
+    save_weights(d, random_weights(nanofast.load_config(str(d)), seed=seed, resid_gain=resid_gain,
+                                   store_lm_head=store_lm_head, dtype=dtype, device=device), shards)
     return d
 
 
 def hf_model(d):
     """transformers' Qwen3 from folder d in fp32 eager; asserts every tensor was loaded."""
-    from transformers import Qwen3ForCausalLM
-
     model, info = Qwen3ForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager",
                                                    output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -226,10 +284,10 @@ def random_prompt(n, seed):  # ordinary (non-special) token ids
 # sharded, GQA ratio 2 / 1 / 4, head_dim * heads equal to or unlike hidden (as in the
 # released models), both rope forms, bf16 and fp32 checkpoints, page sizes 16 and 4.
 CONFIGS = {
-    "tied-gqa2-bf16": dict(ckpt=dict(heads=4, kv_heads=2, head_dim=16), page_size=16, prompt_seed=24),
+    "tied-gqa2-bf16": dict(ckpt=dict(heads=4, kv_heads=2, head_dim=16), page_size=16, prompt_seed=5),
     "tiedstored-gqa1-fp32-ropeparams": dict(
         ckpt=dict(heads=4, kv_heads=4, head_dim=32, tied=True, store_lm_head=True, rope_form="parameters",
-                  dtype=torch.float32, seed=1), page_size=4, prompt_seed=102),
+                  dtype=torch.float32, seed=1), page_size=4, prompt_seed=10),
     "untied-gqa4-3shards": dict(
         ckpt=dict(heads=8, kv_heads=2, head_dim=16, layers=3, intermediate=96, tied=False, shards=3, seed=2),
         page_size=4, prompt_seed=29),
@@ -250,28 +308,29 @@ def tokenizer_json(tmp_path_factory):
     return d / "tokenizer.json"
 
 
+def _reference_case(d, tokenizer_json, ckpt, prompt_seed, steps):
+    """A checkpoint, its transformers model, a prompt, `steps` greedy tokens and the logits
+    at every position of prompt + greedy."""
+    d = make_checkpoint(d, tokenizer_json=tokenizer_json, **ckpt)
+    model = hf_model(d)
+    prompt = random_prompt(PROMPT_LEN, seed=prompt_seed)
+    greedy = hf_greedy(model, prompt, steps)
+    return dict(dir=d, model=model, prompt=prompt, greedy=greedy, logits=hf_logits(model, prompt + greedy))
+
+
 @pytest.fixture(scope="session", params=list(CONFIGS))
 def case(request, tmp_path_factory, tokenizer_json):
-    """A checkpoint, its transformers model and reference outputs, shared by the session."""
     spec = CONFIGS[request.param]
-    d = make_checkpoint(tmp_path_factory.mktemp(request.param), tokenizer_json=tokenizer_json, **spec["ckpt"])
-    model = hf_model(d)
-    prompt = random_prompt(PROMPT_LEN, seed=spec["prompt_seed"])
-    greedy = hf_greedy(model, prompt, DECODE_STEPS)
-    logits = hf_logits(model, prompt + greedy)  # (PROMPT_LEN + DECODE_STEPS, V)
-    return dict(name=request.param, dir=d, model=model, prompt=prompt, greedy=greedy, logits=logits,
-                page_size=spec["page_size"], ckpt=spec["ckpt"])
+    ref = _reference_case(tmp_path_factory.mktemp(request.param), tokenizer_json, spec["ckpt"],
+                          spec["prompt_seed"], DECODE_STEPS)
+    return dict(ref, name=request.param, page_size=spec["page_size"], ckpt=spec["ckpt"])
 
 
 @pytest.fixture(scope="session")
 def tied_case(tmp_path_factory, tokenizer_json):
     """The first configuration again, with another prompt (for the stop and NaN tests)."""
-    spec = CONFIGS["tied-gqa2-bf16"]
-    d = make_checkpoint(tmp_path_factory.mktemp("tied"), tokenizer_json=tokenizer_json, **spec["ckpt"])
-    model = hf_model(d)
-    prompt = random_prompt(PROMPT_LEN, seed=3)
-    greedy = hf_greedy(model, prompt, 40)
-    return dict(dir=d, model=model, prompt=prompt, greedy=greedy, logits=hf_logits(model, prompt + greedy))
+    return _reference_case(tmp_path_factory.mktemp("tied"), tokenizer_json, CONFIGS["tied-gqa2-bf16"]["ckpt"],
+                           prompt_seed=3, steps=40)
 
 
 # -----------------------------------------------------------------------------
@@ -397,13 +456,12 @@ def test_assert_logits_close_rejects_nan_and_inf():
 
 def test_nan_weights_never_pass(tmp_path, tied_case):
     # a checkpoint with a NaN in it must not produce logits the comparison accepts
-    from safetensors.torch import load_file
+    def poison(w):
+        w["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
 
     d = tmp_path / "nan"
     shutil.copytree(tied_case["dir"], d)
-    w = load_file(str(d / "model.safetensors"))
-    w["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
-    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    edit_tensors(poison)(d)
     try:
         eng = load_engine(d)
     except nanofast.NanofastError:
@@ -568,17 +626,13 @@ def _expected_config(raw):
         vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"], num_heads=raw["num_attention_heads"],
         num_kv_heads=raw["num_key_value_heads"], head_dim=raw["head_dim"], rms_norm_eps=raw["rms_norm_eps"],
-        rope_theta=1e6, tie_word_embeddings=raw["tie_word_embeddings"],
-        max_position_embeddings=raw["max_position_embeddings"])
+        rope_theta=1e6, tie_word_embeddings=raw["tie_word_embeddings"])
 
 
 @pytest.mark.parametrize("rope_form", ["theta", "parameters"])
 def test_config_rope_forms(tmp_path, rope_form):
     raw = released_config()
-    if rope_form == "parameters":
-        raw.pop("rope_scaling")
-        raw["rope_parameters"] = {"rope_theta": float(raw.pop("rope_theta")), "rope_type": "default"}
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    write_json(tmp_path / "config.json", with_rope_parameters(raw) if rope_form == "parameters" else raw)
     cfg = nanofast.load_config(str(tmp_path))
     assert cfg == _expected_config(released_config())
     assert isinstance(cfg.rope_theta, float) and cfg.rope_theta == 1e6
@@ -595,8 +649,12 @@ def test_config_released(tmp_path, name, tied):
     assert cfg.tie_word_embeddings is tied and cfg.head_dim == 128
 
 
-def _assert_one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
+@contextlib.contextmanager
+def raises_one_line(*needles):
+    """The block raises NanofastError with a one-line message that contains every needle."""
+    with pytest.raises(nanofast.NanofastError) as e:
+        yield
+    msg = str(e.value)
     assert msg.strip() and "\n" not in msg, repr(msg)
     for needle in needles:
         assert needle in msg, f"{needle!r} not in {msg!r}"
@@ -611,25 +669,19 @@ def _assert_one_line_error(excinfo, *needles):
     dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
 ], ids=["llama", "qwen3_moe", "qwen2", "llama-arch", "yarn-rope_scaling", "yarn-rope_parameters"])
 def test_config_rejects_other_models(tmp_path, change):
-    raw = released_config()
-    raw.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(nanofast.NanofastError) as e:
+    write_json(tmp_path / "config.json", {**released_config(), **change})
+    with raises_one_line():
         nanofast.load_config(str(tmp_path))
-    _assert_one_line_error(e)
 
 
 def test_config_bad_files(tmp_path):
-    with pytest.raises(nanofast.NanofastError) as e:
+    with raises_one_line():
         nanofast.load_config(str(tmp_path / "nowhere"))
-    _assert_one_line_error(e)
-    with pytest.raises(nanofast.NanofastError) as e:
+    with raises_one_line():
         nanofast.load_config(str(tmp_path))  # folder without config.json
-    _assert_one_line_error(e)
     (tmp_path / "config.json").write_text('{"model_type": "qwen3", ')
-    with pytest.raises(nanofast.NanofastError) as e:
+    with raises_one_line():
         nanofast.load_config(str(tmp_path))
-    _assert_one_line_error(e)
 
 
 # -----------------------------------------------------------------------------
@@ -643,114 +695,83 @@ def small_ckpt(tmp_path_factory, tokenizer_json):
                            head_dim=16, intermediate=64, tokenizer_json=tokenizer_json)
 
 
-def _edit_tensors(d, edit):
-    from safetensors.torch import load_file
-
-    w = load_file(str(d / "model.safetensors"))
-    edit(w)
-    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _drop(name):
-    return lambda w: w.pop(name)
-
-
-def _add(name, shape):
-    return lambda w: w.__setitem__(name, torch.zeros(shape, dtype=torch.bfloat16))
-
-
-def _reshape(name, shape):
-    return lambda w: w.__setitem__(name, torch.zeros(shape, dtype=torch.bfloat16))
-
-
-def _truncate(d):
-    f = d / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[:len(data) // 2])
-
-
-def _garbage(d):
-    (d / "model.safetensors").write_bytes(os.urandom(4096))
-
-
-def _garbage_header(d):  # a plausible header length followed by junk
-    (d / "model.safetensors").write_bytes((64).to_bytes(8, "little") + b"{not json at all" + os.urandom(200))
-
-
-def _empty(d):
-    (d / "model.safetensors").write_bytes(b"")
-
-
-# name -> (how to break a copy of small_ckpt, strings the error must contain)
-BROKEN_WEIGHTS = {
-    "missing-tensor": (lambda d: _edit_tensors(d, _drop("model.layers.0.mlp.up_proj.weight")),
-                       ["model.layers.0.mlp.up_proj.weight"]),
-    "missing-norm": (lambda d: _edit_tensors(d, _drop("model.norm.weight")), ["model.norm.weight"]),
-    "unexpected-tensor": (lambda d: _edit_tensors(d, _add("model.layers.0.mlp.extra_proj.weight", (4, 4))),
-                          ["model.layers.0.mlp.extra_proj.weight"]),
-    "unexpected-layer": (lambda d: _edit_tensors(d, _add("model.layers.1.input_layernorm.weight", (32,))),
-                         ["model.layers.1.input_layernorm.weight"]),
-    "misshaped-tensor": (lambda d: _edit_tensors(d, _reshape("model.layers.0.self_attn.k_proj.weight", (32, 32))),
-                         ["model.layers.0.self_attn.k_proj.weight"]),
-    "misshaped-embed": (lambda d: _edit_tensors(d, _reshape("model.embed_tokens.weight", (1000, 32))),
-                        ["model.embed_tokens.weight"]),
-    "truncated-file": (_truncate, []),
-    "garbage-file": (_garbage, []),
-    "garbage-header": (_garbage_header, []),
-    "empty-file": (_empty, []),
-    "no-weights": (lambda d: (d / "model.safetensors").unlink(), []),
-}
-
-
-def _broken_copy(src, dst, name):
-    shutil.copytree(src, dst)
-    BROKEN_WEIGHTS[name][0](dst)
-    return dst
-
-
-@pytest.mark.parametrize("name", list(BROKEN_WEIGHTS))
-def test_load_rejects_broken_weights(tmp_path, small_ckpt, name):
-    d = _broken_copy(small_ckpt, tmp_path / name, name)
-    with pytest.raises(nanofast.NanofastError) as e:
-        load_engine(d)
-    _assert_one_line_error(e, *BROKEN_WEIGHTS[name][1])
-
-
 @pytest.fixture(scope="session")
 def sharded_small(tmp_path_factory, tokenizer_json):
     return make_checkpoint(tmp_path_factory.mktemp("sharded"), hidden=32, layers=2, heads=2, kv_heads=1,
                            head_dim=16, intermediate=64, shards=3, tied=False, tokenizer_json=tokenizer_json)
 
 
-def test_load_rejects_missing_shard(tmp_path, sharded_small):
-    d = tmp_path / "c"
-    shutil.copytree(sharded_small, d)
-    (d / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(nanofast.NanofastError) as e:
+class Broken(NamedTuple):
+    """A way to break a copy of a checkpoint folder."""
+    edit: Callable  # edit(folder)
+    needles: tuple = ()  # strings the error must contain
+    sharded: bool = False  # a copy of sharded_small, else of small_ckpt
+
+
+def broken_copy(broken, small, sharded, dst):
+    shutil.copytree(sharded if broken.sharded else small, dst)
+    broken.edit(dst)
+    return dst
+
+
+def edit_tensors(edit):  # -> a folder edit that applies edit(dict) to model.safetensors
+    def edit_folder(d):
+        w = load_file(str(d / "model.safetensors"))
+        edit(w)
+        save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return edit_folder
+
+
+def _without(name):
+    return Broken(edit_tensors(lambda w: w.pop(name)), (name,))
+
+
+def _zeros(name, shape):  # an unexpected tensor, or one of the wrong shape
+    return Broken(edit_tensors(lambda w: w.__setitem__(name, torch.zeros(shape, dtype=torch.bfloat16))), (name,))
+
+
+def _config(edit):  # -> a folder edit that applies edit(dict) to config.json
+    return lambda d: edit_json(d / "config.json", edit)
+
+
+def _weights_file(write):  # -> a folder edit that rewrites model.safetensors as write(its bytes)
+    def edit(d):
+        f = d / "model.safetensors"
+        f.write_bytes(write(f.read_bytes()))
+    return edit
+
+
+SHARD2 = "model-00002-of-00003.safetensors"
+
+# Checkpoint folders that pass load_config but whose weights do not load
+BROKEN_WEIGHTS = {
+    "missing-tensor": _without("model.layers.0.mlp.up_proj.weight"),
+    "missing-norm": _without("model.norm.weight"),
+    "unexpected-tensor": _zeros("model.layers.0.mlp.extra_proj.weight", (4, 4)),
+    "unexpected-layer": _zeros("model.layers.1.input_layernorm.weight", (32,)),
+    "misshaped-tensor": _zeros("model.layers.0.self_attn.k_proj.weight", (32, 32)),
+    "misshaped-embed": _zeros("model.embed_tokens.weight", (1000, 32)),
+    "truncated-file": Broken(_weights_file(lambda data: data[:len(data) // 2])),
+    "garbage-file": Broken(_weights_file(lambda data: os.urandom(4096))),
+    # a plausible header length followed by junk
+    "garbage-header": Broken(_weights_file(lambda data: (64).to_bytes(8, "little") + b"{not json at all"
+                                           + os.urandom(200))),
+    "empty-file": Broken(_weights_file(lambda data: b"")),
+    "no-weights": Broken(lambda d: (d / "model.safetensors").unlink()),
+    "missing-shard": Broken(lambda d: (d / SHARD2).unlink(), (SHARD2,), sharded=True),
+    "index-missing-a-tensor": Broken(lambda d: edit_json(d / "model.safetensors.index.json",
+                                                         lambda index: index["weight_map"].pop("lm_head.weight")),
+                                     sharded=True),
+    "untied-without-lm-head": Broken(_config(lambda cfg: cfg.update(tie_word_embeddings=False)), ("lm_head.weight",)),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_WEIGHTS))
+def test_load_rejects_broken_weights(tmp_path, small_ckpt, sharded_small, name):
+    broken = BROKEN_WEIGHTS[name]
+    d = broken_copy(broken, small_ckpt, sharded_small, tmp_path / name)
+    with raises_one_line(*broken.needles):
         load_engine(d)
-    _assert_one_line_error(e, "model-00002-of-00003.safetensors")
-
-
-def test_load_rejects_index_missing_a_tensor(tmp_path, sharded_small):
-    d = tmp_path / "c"
-    shutil.copytree(sharded_small, d)
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    del index["weight_map"]["lm_head.weight"]
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(nanofast.NanofastError) as e:
-        load_engine(d)
-    _assert_one_line_error(e)
-
-
-def test_untied_needs_lm_head(tmp_path, small_ckpt):
-    d = tmp_path / "c"
-    shutil.copytree(small_ckpt, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["tie_word_embeddings"] = False
-    (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(nanofast.NanofastError) as e:
-        load_engine(d)
-    _assert_one_line_error(e, "lm_head.weight")
 
 
 # -----------------------------------------------------------------------------
@@ -767,16 +788,12 @@ def tok_dir(small_ckpt):
 @pytest.fixture(scope="session")
 def ref_tok(tok_dir):
     """The reference tokenizer: tokenizer.json through the `tokenizers` library."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    return tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
 
 
 @pytest.fixture(scope="session")
 def hf_tok(tok_dir):
     """transformers' tokenizer, for the released chat template (tokenizer_config.json)."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
@@ -906,97 +923,89 @@ def _assert_cli_error(rc, out, err, needles=()):
 
 
 OK = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "3", "--temperature", "0"]
-LONG_PROMPT = "word " * 200
+HI = ("--prompt", "hi")
 
-# name -> (needs the tokenizer files, strings the error line must contain)
+
+class CliError(NamedTuple):
+    """A bad invocation: --model M, then args, OK and flags (the later flag wins)."""
+    args: tuple = HI  # an entry that is a function gets a scratch folder and returns the argument
+    flags: tuple = ()
+    broken: Broken = None  # M is a copy of the checkpoint broken so; else small_ckpt
+    tok: bool = False  # needs the tokenizer files (the CLI reads them before the weights)
+    needles: tuple = ()  # strings the error line must contain
+    subprocess: bool = False  # one of the required cases: a real `python nanofast.py` run
+
+
+def _latin1_file(tmp):
+    f = tmp / "latin1.txt"
+    f.write_bytes("caf\xe9 \xff\xfe".encode("latin-1"))
+    return f
+
+
+# the broken checkpoints among the required cases
+SUBPROCESS_WEIGHTS = {"missing-tensor", "unexpected-tensor", "misshaped-tensor", "truncated-file", "garbage-file",
+                      "missing-shard"}
+
 CLI_ERRORS = {
-    "missing-model-dir": (False, []),
-    "config-not-json": (False, []),
-    "wrong-architecture": (False, []),
-    "missing-tensor": (True, BROKEN_WEIGHTS["missing-tensor"][1]),
-    "unexpected-tensor": (True, BROKEN_WEIGHTS["unexpected-tensor"][1]),
-    "misshaped-tensor": (True, BROKEN_WEIGHTS["misshaped-tensor"][1]),
-    "truncated-file": (True, []),
-    "garbage-file": (True, []),
-    "missing-shard": (True, ["model-00002-of-00003.safetensors"]),
-    "temperature-negative": (False, []),
-    "top-p-zero": (False, []),
-    "top-p-above-one": (False, []),
-    "top-k-negative": (False, []),
-    "max-new-tokens-zero": (False, []),
-    "max-seq-len-one": (False, []),
-    "dtype-int8": (False, []),
-    "device-bogus": (False, []),
-    "prompt-file-missing": (False, []),
-    "no-prompt": (False, []),
-    "prompt-too-long": (True, []),
+    "missing-model-dir": CliError(broken=Broken(shutil.rmtree), subprocess=True),  # a copy, deleted
+    "config-not-json": CliError(broken=Broken(lambda d: (d / "config.json").write_text("{this is not json")),
+                                subprocess=True),
+    "wrong-architecture": CliError(broken=Broken(_config(lambda cfg: cfg.update(
+        model_type="llama", architectures=["LlamaForCausalLM"]))), subprocess=True),
+    **{name: CliError(broken=b, tok=True, needles=b.needles, subprocess=name in SUBPROCESS_WEIGHTS)
+       for name, b in BROKEN_WEIGHTS.items()},
+    **{name: CliError(flags=flags, subprocess=True) for name, flags in {
+        "temperature-negative": ("--temperature", "-1"),
+        "top-p-zero": ("--top-p", "0"),
+        "top-p-above-one": ("--top-p", "1.5"),
+        "top-k-negative": ("--top-k", "-1"),
+        "max-new-tokens-zero": ("--max-new-tokens", "0"),
+        "max-seq-len-one": ("--max-seq-len", "1"),
+        "dtype-int8": ("--dtype", "int8"),
+        "device-bogus": ("--device", "bogus"),
+    }.items()},
+    "prompt-file-missing": CliError(("--prompt-file", lambda tmp: tmp / "missing.txt"), subprocess=True),
+    "no-prompt": CliError(args=(), subprocess=True),
+    "prompt-too-long": CliError(flags=("--prompt", "word " * 200, "--max-seq-len", "64"), tok=True, subprocess=True),
+    # more bad flags and prompts, through nanofast.main in this process
+    **{name: CliError(flags=flags) for name, flags in {
+        "temperature-nan": ("--temperature", "nan"),
+        "temperature-inf": ("--temperature", "inf"),
+        "temperature-text": ("--temperature", "hot"),
+        "top-p-negative": ("--top-p", "-0.5"),
+        "max-new-tokens-negative": ("--max-new-tokens", "-5"),
+        "max-seq-len-zero": ("--max-seq-len", "0"),
+        "dtype-bogus": ("--dtype", "fp8"),
+        "device-tpu": ("--device", "tpu"),
+        "device-cuda-index": ("--device", "cuda:99"),
+        "unknown-flag": ("--frobnicate",),
+    }.items()},
+    **{name: CliError(args, tok=True) for name, args in {
+        "prompt-too-long-raw": ("--raw", "--prompt", "x " * 64, "--max-seq-len", "64"),
+        "prompt-fills-cache": ("--raw", "--prompt", "Hello world", "--max-seq-len", "2"),
+        "empty-raw-prompt": ("--raw", "--prompt", ""),
+        "prompt-and-prompt-file": ("--prompt", "hi", "--prompt-file", __file__),
+        "prompt-file-is-dir": ("--prompt-file", REPO),
+        "prompt-file-not-utf8": ("--prompt-file", _latin1_file),
+    }.items()},
 }
 
 
 def _cli_error_argv(name, small, sharded, tmp):
-    """The argv of one bad-input case, building the broken folder it needs under tmp."""
-    m = ["--model", str(small), "--prompt", "hi"]
-
-    def broken_copy(edit, src=small):
-        d = tmp / name
-        shutil.copytree(src, d)
-        edit(d)
-        return ["--model", str(d), "--prompt", "hi", *OK]
-
-    def edit_config(change):
-        def edit(d):
-            if change is None:
-                (d / "config.json").write_text("{this is not json")
-            else:
-                raw = json.loads((d / "config.json").read_text())
-                raw.update(change)
-                (d / "config.json").write_text(json.dumps(raw))
-        return edit
-
-    if name == "missing-model-dir":
-        return ["--model", str(tmp / "nowhere"), "--prompt", "hi", *OK]
-    if name == "config-not-json":
-        return broken_copy(edit_config(None))
-    if name == "wrong-architecture":
-        return broken_copy(edit_config(dict(model_type="llama", architectures=["LlamaForCausalLM"])))
-    if name in BROKEN_WEIGHTS:
-        return broken_copy(BROKEN_WEIGHTS[name][0])
-    if name == "missing-shard":
-        return broken_copy(lambda d: (d / "model-00002-of-00003.safetensors").unlink(), src=sharded)
-    flags = {
-        "temperature-negative": ["--temperature", "-1"],
-        "top-p-zero": ["--top-p", "0"],
-        "top-p-above-one": ["--top-p", "1.5"],
-        "top-k-negative": ["--top-k", "-1"],
-        "max-new-tokens-zero": ["--max-new-tokens", "0"],
-        "max-seq-len-one": ["--max-seq-len", "1"],
-        "dtype-int8": ["--dtype", "int8"],
-        "device-bogus": ["--device", "bogus"],
-        "prompt-too-long": ["--prompt", LONG_PROMPT, "--max-seq-len", "64"],
-    }
-    if name in flags:
-        return [*m, *OK, *flags[name]]  # the later flag wins
-    if name == "prompt-file-missing":
-        return ["--model", str(small), "--prompt-file", str(tmp / "missing.txt"), *OK]
-    if name == "no-prompt":
-        return ["--model", str(small), *OK]
-    raise KeyError(name)
+    """The argv of one bad-input case, building under tmp what it needs."""
+    case = CLI_ERRORS[name]
+    model = broken_copy(case.broken, small, sharded, tmp / name) if case.broken else small
+    args = [a(tmp) if callable(a) else a for a in case.args]
+    return [str(a) for a in ("--model", model, *args, *OK, *case.flags)]
 
 
 @pytest.fixture(scope="session")
 def cli_errors(small_ckpt, sharded_small, tmp_path_factory):
+    """The subprocess cases, all launched at once."""
     tmp = tmp_path_factory.mktemp("cli-errors")
-    jobs = {name: (_cli_error_argv(name, small_ckpt, sharded_small, tmp), None)
-            for name, (needs_tok, _) in CLI_ERRORS.items() if QWEN3_FILES is not None or not needs_tok}
+    jobs = {name: (_cli_error_argv(name, small_ckpt, sharded_small, tmp), None) for name, case in CLI_ERRORS.items()
+            if case.subprocess and (QWEN3_FILES is not None or not case.tok)}
     return _run_all(jobs)
-
-
-@pytest.mark.parametrize("name", list(CLI_ERRORS))
-def test_cli_error(cli_errors, name):
-    if name not in cli_errors:
-        pytest.skip("needs NANOFAST_QWEN3_FILES")
-    r = cli_errors[name]
-    _assert_cli_error(r.returncode, r.stdout, r.stderr, CLI_ERRORS[name][1])
 
 
 def _main(argv, capsys):  # nanofast.main in this process -> (exit code, stdout, stderr)
@@ -1008,47 +1017,17 @@ def _main(argv, capsys):  # nanofast.main in this process -> (exit code, stdout,
     return rc, out, err
 
 
-@pytest.mark.parametrize("name,flags", [
-    ("temperature-nan", ["--temperature", "nan"]),
-    ("temperature-inf", ["--temperature", "inf"]),
-    ("temperature-text", ["--temperature", "hot"]),
-    ("top-p-negative", ["--top-p", "-0.5"]),
-    ("max-new-tokens-negative", ["--max-new-tokens", "-5"]),
-    ("max-seq-len-zero", ["--max-seq-len", "0"]),
-    ("dtype-bogus", ["--dtype", "fp8"]),
-    ("device-tpu", ["--device", "tpu"]),
-    ("device-cuda-index", ["--device", "cuda:99"]),
-    ("unknown-flag", ["--frobnicate"]),
-])
-def test_cli_bad_flags_in_process(small_ckpt, capsys, name, flags):
-    rc, out, err = _main(["--model", small_ckpt, "--prompt", "hi", *OK, *flags], capsys)
-    _assert_cli_error(rc, out, err)
-
-
-@pytest.mark.parametrize("name", [n for n in BROKEN_WEIGHTS if n not in CLI_ERRORS])
-def test_cli_broken_weights_in_process(tmp_path, small_ckpt, capsys, name):
-    if QWEN3_FILES is None:
+@pytest.mark.parametrize("name", list(CLI_ERRORS))
+def test_cli_error(cli_errors, small_ckpt, sharded_small, tmp_path, capsys, name):
+    case = CLI_ERRORS[name]
+    if case.tok and QWEN3_FILES is None:
         pytest.skip("needs NANOFAST_QWEN3_FILES")
-    d = _broken_copy(small_ckpt, tmp_path / name, name)
-    rc, out, err = _main(["--model", d, "--prompt", "hi", *OK], capsys)
-    _assert_cli_error(rc, out, err, BROKEN_WEIGHTS[name][1])
-
-
-@requires_qwen3_files
-@pytest.mark.parametrize("name,args", [
-    ("prompt-too-long-raw", ["--raw", "--prompt", "x " * 64, "--max-seq-len", "64"]),
-    ("prompt-fills-cache", ["--raw", "--prompt", "Hello world", "--max-seq-len", "2"]),
-    ("empty-raw-prompt", ["--raw", "--prompt", ""]),
-    ("prompt-and-prompt-file", ["--prompt", "hi", "--prompt-file", __file__]),
-    ("prompt-file-is-dir", ["--prompt-file", REPO]),
-    ("prompt-file-not-utf8", ["--prompt-file", "NOT_UTF8"]),
-])
-def test_cli_bad_prompts_in_process(small_ckpt, tmp_path, capsys, name, args):
-    if "NOT_UTF8" in args:
-        (tmp_path / "latin1.txt").write_bytes("caf\xe9 \xff\xfe".encode("latin-1"))
-        args = [tmp_path / "latin1.txt" if a == "NOT_UTF8" else a for a in args]
-    rc, out, err = _main(["--model", small_ckpt, *args, *OK], capsys)
-    _assert_cli_error(rc, out, err)
+    if case.subprocess:
+        r = cli_errors[name]
+        rc, out, err = r.returncode, r.stdout, r.stderr
+    else:
+        rc, out, err = _main(_cli_error_argv(name, small_ckpt, sharded_small, tmp_path), capsys)
+    _assert_cli_error(rc, out, err, case.needles)
 
 
 def test_cli_help(capsys):
@@ -1056,7 +1035,7 @@ def test_cli_help(capsys):
     assert rc == 0
     for opt in ("--model", "--prompt", "--prompt-file", "--system", "--no-think", "--raw", "--max-new-tokens",
                 "--temperature", "--top-k", "--top-p", "--seed", "--max-seq-len", "--dtype", "--device",
-                "--ignore-eos", "--json", "--plain"):
+                "--ignore-eos", "--json", "--plain", "--quantize"):
         assert opt in out, opt
 
 
@@ -1081,6 +1060,7 @@ def cli_runs(tok_dir, tmp_path_factory):
         "system": ([*m, "--system", "You are terse.", "--prompt", "Hello there", *short], None),
         "no-think": ([*m, "--no-think", "--prompt", "日本語 🗾\nok", *short], None),
         "seeded": ([*m, "--prompt", "Hi", "--max-new-tokens", "12", *SEEDED, "--json"], None),
+        "quantize": ([*greedy, "--quantize", "fp8", "--json"], None),
     }
     return _run_all(jobs)
 
@@ -1136,6 +1116,15 @@ def test_cli_prompt_options(cli_runs, ref_tok, hf_tok, name, prompt, system, thi
 
 
 @requires_qwen3_files
+def test_cli_quantize_fp8(cli_runs, tok_dir):
+    # --quantize fp8 reaches the engine: its ids are the Python API's with quantize="fp8", and it says so
+    r, j = cli_runs["quantize"], _json(cli_runs["quantize"])
+    assert "fp8 weights" in r.stderr and j["timings"]["weights"] == "fp8"
+    eng = load_engine(tok_dir, quantize="fp8")
+    assert list(eng.generate(j["prompt_ids"], max_new_tokens=9, temperature=0.0, stop_ids=EOS_IDS)) == j["generated_ids"]
+
+
+@requires_qwen3_files
 def test_cli_raw_bf16(cli_runs, ref_tok):
     j = _json(cli_runs["raw"])
     assert j["prompt_ids"] == ref_tok.encode("The capital of France is", add_special_tokens=False).ids
@@ -1150,6 +1139,133 @@ def test_cli_seeded_sampling(cli_runs, tok_dir):
     eng = load_engine(tok_dir)
     again = list(eng.generate(j["prompt_ids"], max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7))
     assert again == j["generated_ids"]
+
+
+# -----------------------------------------------------------------------------
+# fp8 weights: checkpoints in the layout of Qwen's Qwen3-*-FP8 releases (config.json's
+# quantization_config; each projection stored as float8_e4m3fn with weight_scale_inv, one
+# scale per 128x128 block), and quantization on load. The reference is transformers on the
+# same weights dequantized (w * scale_inv, in fp32), which nanofast's CPU path computes too.
+
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def fp8_quantize(w):  # the test's own block quantizer: (e4m3 values, scale_inv) with w ~ q * scale_inv
+    (N, K), B = w.shape, 128
+    x = torch.zeros(-(-N // B) * B, -(-K // B) * B)
+    x[:N, :K] = w.float()
+    blocks = x.view(x.shape[0] // B, B, x.shape[1] // B, B)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).view(x.shape)[:N, :K].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale
+
+
+def fp8_dequantize(q, scale):
+    N, K = q.shape
+    return q.float() * scale.float().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+
+
+def read_weights(d):
+    w = {}
+    for f in sorted(Path(d).glob("model*.safetensors")):
+        w.update(load_file(str(f)))
+    return w
+
+
+def make_fp8_checkpoint(src, d, scale_dtype=torch.bfloat16, shards=1, quantize=fp8_quantize):
+    """Copy checkpoint src to folder d in the FP8 layout, and to d-dequantized with the fp8
+    weights dequantized in fp32 (for transformers). Returns (d, d-dequantized)."""
+    ref = d.parent / (d.name + "-dequantized")
+    shutil.copytree(src, d)
+    shutil.copytree(src, ref)
+    edit_json(d / "config.json", lambda c: c.update(quantization_config=dict(FP8_CONFIG)))
+    fp8, deq = {}, {}
+    for name, t in read_weights(src).items():
+        fp8[name], deq[name] = t, t.float()
+        if name.endswith("_proj.weight"):
+            q, s = quantize(t)
+            fp8[name], fp8[name[:-6] + "weight_scale_inv"] = q, s.to(scale_dtype)
+            deq[name] = fp8_dequantize(q, s.to(scale_dtype))
+    save_weights(d, fp8, shards)
+    save_weights(ref, deq)
+    return d, ref
+
+
+# the model-math configurations, each with another scale dtype and layout
+FP8_CASES = {"tied-gqa2-bf16": (torch.bfloat16, 1), "tiedstored-gqa1-fp32-ropeparams": (torch.float32, 1),
+             "untied-gqa4-3shards": (torch.float16, 3)}
+
+
+@pytest.fixture(scope="session", params=list(FP8_CASES))
+def fp8_case(request, tmp_path_factory, tokenizer_json):
+    spec, (scale_dtype, shards) = CONFIGS[request.param], FP8_CASES[request.param]
+    src = make_checkpoint(tmp_path_factory.mktemp(request.param), tokenizer_json=tokenizer_json, **spec["ckpt"])
+    d, ref = make_fp8_checkpoint(src, tmp_path_factory.mktemp("fp8") / request.param, scale_dtype, shards)
+    model = hf_model(ref)
+    prompt = random_prompt(PROMPT_LEN, seed=spec["prompt_seed"])
+    greedy = hf_greedy(model, prompt, 40)
+    return dict(src=src, dir=d, prompt=prompt, greedy=greedy, logits=hf_logits(model, prompt + greedy))
+
+
+def test_fp8_checkpoint_matches_transformers(fp8_case):
+    _check_reference(fp8_case["greedy"], fp8_case["logits"])
+    eng = load_engine(fp8_case["dir"], page_size=4)
+    assert eng.cfg.fp8 and eng.fp8 and eng.weight_format == "fp8"
+    assert eng.weights.layers[0].qkv.dtype == torch.float32  # dequantized on the CPU
+    P, prompt = PROMPT_LEN, fp8_case["prompt"]
+    assert_logits_close(eng.forward(prompt + fp8_case["greedy"], 0), fp8_case["logits"], "fp8 forward")
+    assert list(eng.generate(prompt, max_new_tokens=40, temperature=0.0)) == fp8_case["greedy"]
+    assert eng.stats["weights"] == "fp8"
+    assert P == len(prompt)
+
+
+def test_quantize_on_load_round_trip(fp8_case, tmp_path):
+    """quantize="fp8" on a bf16 checkpoint computes with exactly the weights of the FP8
+    checkpoint that nanofast.quantize_fp8 writes, and the quantizer agrees with ours."""
+    w = read_weights(fp8_case["src"])["model.layers.0.mlp.gate_proj.weight"]
+    q, s = nanofast.quantize_fp8(w)
+    q_ref, s_ref = fp8_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and s.shape == s_ref.shape
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    rel = float((nanofast.dequantize(q, s, torch.float32) - w.float()).norm() / w.float().norm())
+    assert 0 < rel < 0.05, rel  # e4m3 keeps 3 mantissa bits
+    d, _ = make_fp8_checkpoint(fp8_case["src"], tmp_path / "fp8", torch.float32, quantize=nanofast.quantize_fp8)
+    prompt = fp8_case["prompt"]
+    quantized = load_engine(fp8_case["src"], quantize="fp8")
+    assert quantized.fp8 and quantized.weight_format == "fp8"
+    assert torch.equal(quantized.forward(prompt, 0), load_engine(d).forward(prompt, 0))
+    assert not torch.equal(quantized.forward(prompt, 0), load_engine(fp8_case["src"]).forward(prompt, 0))
+
+
+@pytest.mark.parametrize("edit,needles", [
+    (lambda d: edit_json(d / "config.json", lambda c: c["quantization_config"].update(quant_method="awq")), ["awq"]),
+    (lambda d: edit_json(d / "config.json", lambda c: c["quantization_config"].update(fmt="e5m2")), ["e5m2"]),
+    (lambda d: edit_json(d / "config.json", lambda c: c["quantization_config"].update(weight_block_size=[64, 64])),
+     ["64"]),
+    (lambda d: edit_json(d / "config.json", lambda c: c["quantization_config"].update(activation_scheme="static")),
+     ["static"]),
+    (lambda d: edit_json(d / "config.json", lambda c: c.update(quantization_config="fp8")), ["quantization_config"]),
+    (lambda d: save_weights(d, {k: v for k, v in read_weights(d).items()
+                                if k != "model.layers.0.mlp.up_proj.weight_scale_inv"}),
+     ["model.layers.0.mlp.up_proj.weight_scale_inv"]),
+    (lambda d: save_weights(d, {**read_weights(d), "model.layers.0.self_attn.o_proj.weight_scale_inv":
+                                torch.ones(3, 3)}), ["model.layers.0.self_attn.o_proj.weight_scale_inv"]),
+    (lambda d: save_weights(d, {**read_weights(d), "model.layers.0.self_attn.k_proj.weight":
+                                torch.zeros(16, 32, dtype=torch.bfloat16)}), ["model.layers.0.self_attn.k_proj.weight"]),
+    (lambda d: edit_json(d / "config.json", lambda c: c.pop("quantization_config")),
+     ["weight_scale_inv"]),  # fp8 tensors under a bf16 config
+], ids=["quant-method", "fmt", "block-size", "static-activations", "not-a-dict", "missing-scale", "misshaped-scale",
+        "bf16-weight", "no-quantization-config"])
+def test_load_rejects_bad_fp8(tmp_path, small_ckpt, edit, needles):
+    d, _ = make_fp8_checkpoint(small_ckpt, tmp_path / "fp8")
+    edit(d)
+    with raises_one_line(*needles):
+        load_engine(d)
+
+
+def test_quantize_option_rejects_other_formats(small_ckpt):
+    with raises_one_line("int4"):
+        load_engine(small_ckpt, quantize="int4")
 
 
 # -----------------------------------------------------------------------------
@@ -1172,50 +1288,13 @@ def test_cli_seeded_sampling(cli_runs, tok_dir):
 # Attention rounds its probabilities to the cache dtype before the second product, so
 # bf16 caches get the bf16 tolerance.
 
-import math  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-try:
-    import triton  # noqa: F401,E402
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KDEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KDT = torch.bfloat16 if KDEV.type == "cuda" else torch.float32  # default weight/activation dtype
 KHD = 128 if KDEV.type == "cuda" else 16  # head_dim: Qwen3's on CUDA, small in the interpreter
 KTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 NAN = float("nan")
-
-if HAVE_TRITON and INTERPRET:
-    # Two work-arounds for triton 3.6's interpreter only (compiled kernels never see them):
-    # 1. it turns a scalar loaded from memory into a Python int with int(ndarray), which
-    #    numpy >= 2.4 refuses for shape-(1,) arrays: decode attention's loop bounds come
-    #    from pos in memory;
-    # 2. its tl.dot multiplies bf16 operands as their raw uint16 bits: widen them to fp32
-    #    (exact) first.
-    import numpy as np  # noqa: E402
-    import triton.language as tl  # noqa: E402
-    import triton.runtime.interpreter as _interp  # noqa: E402
-
-    def _patch_lang_tensor(tensor, scope, _original=_interp._patch_lang_tensor):
-        _original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    def _create_dot(self, a, b, d, *args, _original=_interp.InterpreterBuilder.create_dot):
-        def widen(x):
-            if x.dtype != tl.bfloat16:
-                return x
-            return _interp.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return _original(self, widen(a), widen(b), d, *args)
-
-    if not getattr(_interp, "_nanofast_test_fix", False):  # once, should this file be imported twice
-        _interp._patch_lang_tensor = _patch_lang_tensor
-        _interp.InterpreterBuilder.create_dot = _create_dot
-        _interp._nanofast_test_fix = True
+# checkpoints with a small vocabulary, so that lm_head and the sampler stay cheap in the interpreter
+SMALL_VOCAB = dict(vocab=512, intermediate=96)
 
 
 def poisoned(*shape, dtype=torch.float32):
@@ -1306,10 +1385,35 @@ def test_kernel_gemv_add(kseed, SK):
         assert_kernel_close(h, ref, torch.float32)
 
 
+@requires_triton
+@pytest.mark.parametrize("N,K,BN,BK,SK", [(256, 384, None, None, None), (200, 300, 4, 128, 2)],
+                         ids=["default", "ragged"])
+def test_kernel_gemvs_fp8(kseed, N, K, BN, BK, SK):
+    """The three GEMVs on fp8 weights with their 128x128 block scales, against plain torch on the
+    dequantized matrices (K = 300: a partial last block and tile; N = 200: a partial row block)."""
+    x = krandn(K, std=3.0, dtype=torch.float32)
+    norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
+    (W, s), (W_gu, s_gu) = [nanofast.quantize_fp8(torch.randn(n, K) * K ** -0.5) for n in (N, 2 * N)]
+    dense = [nanofast.dequantize(w_, s_, torch.float32) for w_, s_ in ((W, s), (W_gu, s_gu))]
+    W, s, W_gu, s_gu = [t.to(KDEV) for t in (W, s, W_gu, s_gu)]
+    xn = nanofast.rms_norm(x, norm_w.float(), 1e-6).cpu()
+    out = poisoned(N)
+    nanofast.rmsnorm_gemv(x, norm_w, W, out, 1e-6, s, BLOCK_N=BN, BLOCK_K=BK)
+    assert_kernel_close(out, xn @ dense[0].T, torch.float32, "rmsnorm_gemv")
+    act = poisoned(N, dtype=KDT)
+    nanofast.rmsnorm_gemv_silu(x, norm_w, W_gu, act, 1e-6, s_gu, BLOCK_N=BN, BLOCK_K=BK)
+    gate, up = (xn @ dense[1].T).chunk(2)
+    assert_kernel_close(act, F.silu(gate) * up, KDT, "rmsnorm_gemv_silu")
+    a, h = krandn(K), krandn(N, dtype=torch.float32)
+    ref = h.cpu() + dense[0] @ a.float().cpu()
+    nanofast.gemv_add(a, W, h, s, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK)
+    assert_kernel_close(h, ref, torch.float32, "gemv_add")
+
+
 def _tiny_config(Hq, Hkv, hd):
     return nanofast.Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=Hq,
                            num_kv_heads=Hkv, head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6,
-                           tie_word_embeddings=True, max_position_embeddings=4096)
+                           tie_word_embeddings=True)
 
 
 @requires_triton
@@ -1376,7 +1480,7 @@ def _sample(logits, sampler):
 
 
 def kernel_allowed_set(logits, sampler):
-    """The tokens the last sample_step could draw: keys of logits / T at or above the threshold
+    """The tokens the last Sampler.sample could draw: keys of logits / T at or above the threshold
     it left in its scratch (top-p's if top-p was on, else top-k's; 0 = all). The key is the
     order-preserving uint32 image of the fp32 score, as the kernels compute it."""
     T, top_p = float(sampler.temperature), float(sampler.top_p)
@@ -1402,7 +1506,7 @@ def test_kernel_sampler_greedy_is_argmax(kseed):
 
 @requires_triton
 def test_kernel_sampler_allowed_set(kseed):
-    """The set sample_step draws from is exactly transformers' (the sort-based allowed_set of
+    """The set Sampler.sample draws from is exactly transformers' (the sort-based allowed_set of
     the sampling section), for a few (T, top_k, top_p); one sampler for all of them,
     so each call must also find the scratch clean after a call with other settings."""
     V = 300
@@ -1465,42 +1569,6 @@ def test_kernel_sampler_frequencies():
     assert p_value > 1e-3, (counts.tolist(), p_value)  # seeded: deterministic
 
 
-def make_small_vocab_checkpoint(d, *, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
-                                intermediate=96, dtype=torch.float32, seed=0):
-    """Like make_checkpoint (same tensor names and weight scales, tied), but with a small
-    vocabulary, so that lm_head and the sampler stay cheap in the interpreter; no tokenizer."""
-    d = Path(d)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = released_config()
-    cfg.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, max_window_layers=layers,
-               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-               intermediate_size=intermediate, tie_word_embeddings=True)
-    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return torch.randn(*shape, generator=g) * std
-
-    q, kv = heads * head_dim, kv_heads * head_dim
-    w = {"model.embed_tokens.weight": randn(vocab, hidden), "model.norm.weight": 1 + 0.1 * randn(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = 1 + 0.1 * randn(hidden)
-        w[p + "self_attn.q_proj.weight"] = randn(q, hidden, std=hidden ** -0.5)
-        w[p + "self_attn.k_proj.weight"] = randn(kv, hidden, std=hidden ** -0.5)
-        w[p + "self_attn.v_proj.weight"] = randn(kv, hidden, std=hidden ** -0.5)
-        w[p + "self_attn.o_proj.weight"] = randn(hidden, q, std=8 * q ** -0.5)
-        w[p + "self_attn.q_norm.weight"] = 1 + 0.1 * randn(head_dim)
-        w[p + "self_attn.k_norm.weight"] = 1 + 0.1 * randn(head_dim)
-        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * randn(hidden)
-        w[p + "mlp.gate_proj.weight"] = randn(intermediate, hidden, std=hidden ** -0.5)
-        w[p + "mlp.up_proj.weight"] = randn(intermediate, hidden, std=hidden ** -0.5)
-        w[p + "mlp.down_proj.weight"] = randn(hidden, intermediate, std=8 * intermediate ** -0.5)
-    save_file({k: v.to(dtype).contiguous() for k, v in w.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
-    return d
-
-
 # FastDecoder.run_step against the plain model, max |diff| <= RUN_STEP_RTOL * max |reference|
 # for the logits and the K/V rows written: fp32 in the interpreter, where only the order of
 # summation differs (as LOGIT_RTOL; seen <= 7e-7); bf16 on CUDA, against an fp32 engine on the
@@ -1517,8 +1585,8 @@ def test_fast_decoder_run_step(tmp_path, monkeypatch):
     against engine.forward([tok], pos) of a separate plain engine with its own cache."""
     if INTERPRET:  # size the grids for a 2-SM device: 2 KV splits and few GEMV programs
         monkeypatch.setattr(nanofast, "num_sms", lambda: 2)
-    V, steps, page = 512, 10, 4
-    d = make_small_vocab_checkpoint(tmp_path / "ckpt", vocab=V, head_dim=KHD, dtype=KDT)
+    V, steps, page = SMALL_VOCAB["vocab"], 10, 4
+    d = make_checkpoint(tmp_path / "ckpt", **SMALL_VOCAB, head_dim=KHD, dtype=KDT)
     engine = nanofast.load(str(d), device=KDEV, dtype=KDT, max_seq_len=16, page_size=page, fast=False,
                            verbose=False)
     ref = nanofast.load(str(d), device=KDEV, dtype=torch.float32, max_seq_len=16, page_size=page, fast=False,
@@ -1558,8 +1626,7 @@ def test_prefill_forward_matches_forward(tmp_path, dtype):
     """Prefill's row kernels repeat forward()'s roundings: same logits and the same cache,
     over two chunks (the second at pos > 0). The attention is the plain one here, so only
     the kernels differ."""
-    d = make_small_vocab_checkpoint(tmp_path / "ckpt", head_dim=KHD) if KDEV.type == "cuda" else \
-        make_small_vocab_checkpoint(tmp_path / "ckpt")
+    d = make_checkpoint(tmp_path / "ckpt", **SMALL_VOCAB, head_dim=KHD, dtype=torch.float32)
     engines = [nanofast.load(str(d), device=KDEV, dtype=dtype, max_seq_len=32, page_size=4, fast=False,
                              verbose=False) for _ in range(2)]
     ids = torch.randint(0, 512, (19,), generator=torch.Generator().manual_seed(0)).to(KDEV)
@@ -1579,23 +1646,13 @@ def test_prefill_forward_matches_forward(tmp_path, dtype):
 # (bf16 on the GPU; skipped without CUDA and FlashInfer)
 
 
-def _fast_path_available():
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flashinfer  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-requires_fast = pytest.mark.skipif(not _fast_path_available(), reason="needs CUDA and FlashInfer")
-
-# Released shapes (random weights) and a tiny one; head_dim 128 as in every Qwen3.
+# Released shapes (random bf16 weights, tied lm_head, drawn on the GPU) and a tiny one;
+# head_dim 128 as in every Qwen3.
+_GPU = dict(head_dim=128, resid_gain=2, device="cuda")
 GPU_SHAPES = {
-    "tiny": dict(hidden=512, layers=2, heads=8, kv_heads=4, intermediate=1024, resid_gain=8),
-    "0.6B": dict(hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072),
-    "4B": dict(hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728),
+    "tiny": dict(_GPU, hidden=512, layers=2, heads=8, kv_heads=4, intermediate=1024, resid_gain=8),
+    "0.6B": dict(_GPU, hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072),
+    "4B": dict(_GPU, hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728),
 }
 
 # bf16 tolerance. Every bf16 implementation rounds activations to 8 bits of mantissa at
@@ -1607,45 +1664,9 @@ BF16_SLACK = 1.25
 BF16_RTOL = 0.06
 
 
-def make_gpu_checkpoint(d, *, hidden, layers, heads, kv_heads, intermediate, head_dim=128, resid_gain=2, seed=0):
-    """A random bf16 Qwen3 of a released shape (tied lm_head), generated on the GPU.
-    o_proj and down_proj get resid_gain / sqrt(fan_in) so the layers outweigh the input
-    embedding (with a tied lm_head a weak residual makes greedy decoding repeat a token)."""
-    d = Path(d)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = released_config()
-    cfg.update(hidden_size=hidden, num_hidden_layers=layers, max_window_layers=layers, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate)
-    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def randn(*shape, std=1.0, mean=0.0):
-        return (mean + std * torch.randn(*shape, generator=g, device="cuda")).to(torch.bfloat16).cpu()
-
-    q, kv = heads * head_dim, kv_heads * head_dim
-    w = {"model.embed_tokens.weight": randn(cfg["vocab_size"], hidden), "model.norm.weight": randn(hidden, std=0.1, mean=1)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w.update({
-            p + "input_layernorm.weight": randn(hidden, std=0.1, mean=1),
-            p + "self_attn.q_proj.weight": randn(q, hidden, std=hidden ** -0.5),
-            p + "self_attn.k_proj.weight": randn(kv, hidden, std=hidden ** -0.5),
-            p + "self_attn.v_proj.weight": randn(kv, hidden, std=hidden ** -0.5),
-            p + "self_attn.o_proj.weight": randn(hidden, q, std=resid_gain * q ** -0.5),
-            p + "self_attn.q_norm.weight": randn(head_dim, std=0.1, mean=1),
-            p + "self_attn.k_norm.weight": randn(head_dim, std=0.1, mean=1),
-            p + "post_attention_layernorm.weight": randn(hidden, std=0.1, mean=1),
-            p + "mlp.gate_proj.weight": randn(intermediate, hidden, std=hidden ** -0.5),
-            p + "mlp.up_proj.weight": randn(intermediate, hidden, std=hidden ** -0.5),
-            p + "mlp.down_proj.weight": randn(hidden, intermediate, std=resid_gain * intermediate ** -0.5),
-        })
-    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
-
-
 @pytest.fixture(scope="module", params=list(GPU_SHAPES))
 def gpu_case(request, tmp_path_factory):
-    d = make_gpu_checkpoint(tmp_path_factory.mktemp(f"gpu-{request.param}"), **GPU_SHAPES[request.param])
+    d = make_checkpoint(tmp_path_factory.mktemp(f"gpu-{request.param}"), **GPU_SHAPES[request.param])
     engine = nanofast.load(str(d), device="cuda", max_seq_len=1024, verbose=False)
     assert engine.fast, "the fast path did not start"
     yield request.param, d, engine
@@ -1663,8 +1684,6 @@ def test_fast_logits_match_plain_and_transformers(gpu_case):
     """Prefill and 256 replayed decode steps (crossing pages of 16), teacher-forced with the
     fast path's greedy tokens, against the plain bf16 path, transformers' bf16 model and the
     plain path in fp32."""
-    from transformers import Qwen3ForCausalLM
-
     name, d, engine = gpu_case
     prompt = random_prompt(100, seed=5)
     fast = [engine.prefill(prompt)]
@@ -1719,7 +1738,7 @@ def test_fast_greedy_matches_plain(gpu_case):
 def test_fast_decode_at_16k_context(tmp_path):
     """A 16,500-token prompt (five prefill chunks), then decode steps at 16K+ context,
     against the plain path on the same cache."""
-    d = make_gpu_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["0.6B"])
+    d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["0.6B"])
     engine = nanofast.load(str(d), device="cuda", max_seq_len=16600, verbose=False)
     prompt = random_prompt(16500, seed=3)
     fast_first = engine.prefill(prompt)
@@ -1737,7 +1756,7 @@ def test_fast_decode_at_16k_context(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_fast(tmp_path_factory):
-    d = make_gpu_checkpoint(tmp_path_factory.mktemp("gpu-small"), **GPU_SHAPES["tiny"])
+    d = make_checkpoint(tmp_path_factory.mktemp("gpu-small"), **GPU_SHAPES["tiny"])
     return nanofast.load(str(d), device="cuda", max_seq_len=64, verbose=False)
 
 
@@ -1779,10 +1798,39 @@ def test_fast_sampling_in_graph(tiny_fast):
 
 
 @requires_fast
-def test_fast_decode_allocates_nothing(tmp_path):
+@pytest.mark.parametrize("name", ["tiny", "0.6B"])
+def test_fast_fp8_matches_plain(tmp_path, name):
+    """fp8 projections (quantized on load) on the fast path, prefill and 128 teacher-forced
+    decode steps, against the plain path on the same fp8 weights, dequantized: the tolerance
+    rule of bf16 (its error against fp32 at most BF16_SLACK times the plain bf16 path's)."""
+    d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES[name])
+    load = lambda **kw: nanofast.load(str(d), device="cuda", max_seq_len=512, quantize="fp8", verbose=False, **kw)  # noqa: E731
+    engine = load()
+    L = engine.weights.layers[0]
+    assert engine.fast and engine.weight_format == "fp8" and L.qkv.dtype == torch.float8_e4m3fn
+    prompt = random_prompt(100, seed=5)
+    fast = [engine.prefill(prompt)]
+    for _ in range(128):
+        fast.append(engine.step(int(fast[-1].argmax())))
+    fast = torch.stack(fast)
+    seq = prompt + fast[:-1].argmax(-1).tolist()
+    rows = slice(len(prompt) - 1, None)
+    plain = engine.forward(seq, 0)[rows]  # the plain path in bf16 on the same engine's fp8 weights
+    exact = load(dtype=torch.float32, fast=False).forward(seq, 0)[rows]
+    err_fast, err_plain = rel_err(fast, exact), rel_err(plain, exact)
+    print(f"\nfp8 {name}: relative L2 error vs fp32, max over 129 positions: fast {err_fast.max():.4f}, "
+          f"plain bf16 {err_plain.max():.4f}; fast vs plain {rel_err(fast, plain).max():.4f}")
+    assert torch.isfinite(fast).all()
+    assert err_fast.max() <= BF16_SLACK * err_plain.max()
+    assert rel_err(fast, plain).max() <= BF16_RTOL
+
+
+@requires_fast
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_fast_decode_allocates_nothing(tmp_path, quantize):
     """Around a 1,000-token generation the CUDA allocator's counters do not move."""
-    d = make_gpu_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
-    engine = nanofast.load(str(d), device="cuda", max_seq_len=1100, verbose=False)
+    d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=1100, quantize=quantize, verbose=False)
     tokens = engine.generate(random_prompt(16, seed=6), max_new_tokens=1000, temperature=0.7, top_k=20,
                              top_p=0.95, seed=1)
     next(tokens)  # prefill is done and the first token is back
