@@ -26,7 +26,9 @@ decoder, engine, CLI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -244,7 +246,8 @@ def _checkpoint_files(model_dir: str) -> dict:
     return {None: single}
 
 
-def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quantize=False, keep_fp8=False) -> Weights:
+def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quantize=False, keep_fp8=False,
+                 progress=False) -> Weights:
     """Load, check and fuse the weights, one tensor at a time (peak memory ~ one copy). The
     projections of an fp8 checkpoint, or of any with quantize, stay fp8 with their block scales
     if keep_fp8 (stacking needs rows in whole 128-blocks), else they are dequantized to dtype."""
@@ -300,6 +303,8 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
 
     layers = []
     for i in range(cfg.num_layers):
+        if progress:  # a counter on the terminal: an 8B checkpoint takes seconds
+            print(f"\r[nanofast] loading layer {i + 1} of {cfg.num_layers}", end="", file=sys.stderr, flush=True)
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
         qkv, qkv_s = linear(a + "q_proj", a + "k_proj", a + "v_proj")
@@ -311,6 +316,8 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
                             gate_up=gate_up, down=down, qkv_s=qkv_s, o_s=o_s, gate_up_s=gate_up_s, down_s=down_s))
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)  # clears the counter's line
     return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
 
 
@@ -342,9 +349,26 @@ class Tokenizer:
 
     @staticmethod
     def chat(prompt: str, system: str | None = None, think: bool = True) -> str:
-        """Qwen3's released chat template for one user turn, with the generation prompt."""
-        text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
-        text += f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        """Qwen3's chat template for one user turn (and a system prompt), with the generation prompt."""
+        system = [dict(role="system", content=system)] if system is not None else []
+        return Tokenizer.template(system + [dict(role="user", content=prompt)], think)
+
+    @staticmethod
+    def template(messages, think: bool = True) -> str:
+        """Qwen3's released chat template (without tools) for [{"role", "content"}, ...], with the
+        generation prompt. As released, an assistant turn before the last user turn keeps only
+        its answer: its <think> block is dropped from the history."""
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        text, nl = "", "\n"
+        for i, m in enumerate(messages):
+            content, reasoning = m["content"], ""
+            if m["role"] == "assistant" and "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip(nl).split("<think>")[-1].lstrip(nl)
+                content = content.split("</think>")[-1].lstrip(nl)
+            if m["role"] == "assistant" and i > last_user and (i == len(messages) - 1 or reasoning):
+                content = f"<think>\n{reasoning.strip(nl)}\n</think>\n\n{content.lstrip(nl)}"
+            text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+        text += "<|im_start|>assistant\n"
         return text if think else text + "<think>\n\n</think>\n\n"
 
 
@@ -1541,15 +1565,15 @@ class FastDecoder:
         torch.cuda.synchronize()
         return graph
 
-    def prefill(self, ids):
-        """Run the prompt through prefill_forward in chunks of at most prefill_chunk tokens, then
-        sample its first token into s.tok (and ring slot 0) with the graph's sampler."""
+    def prefill(self, ids, start: int = 0):
+        """Run prompt tokens start.. through prefill_forward (the cache holds those before start) in
+        chunks of at most prefill_chunk tokens, then sample the first new token into s.tok (and
+        ring slot 0) with the graph's sampler."""
         e = self.engine
         ids = torch.tensor(ids, dtype=torch.long, device=e.device)
         with torch.inference_mode():
-            for start in range(0, ids.shape[0], self.prefill_chunk):
-                logits = prefill_forward(e.weights, e.cfg, e.cache, e.rope, ids[start:start + self.prefill_chunk],
-                                         start)
+            for pos in range(start, ids.shape[0], self.prefill_chunk):
+                logits = prefill_forward(e.weights, e.cfg, e.cache, e.rope, ids[pos:pos + self.prefill_chunk], pos)
             self.logits.copy_(logits[0])
             self.sampler.pos.fill_(ids.shape[0] - 1)  # the sampler moves it on to len(ids)
             self.sampler.step.zero_()
@@ -1561,13 +1585,13 @@ class FastDecoder:
         self.graph.replay()
         return self.logits.clone()
 
-    def tokens(self, prompt_ids, limit, temperature, top_k, top_p, seed):
+    def tokens(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
         """Yield limit tokens (fewer if the caller stops). The host only replays the graph;
         every READ_EVERY replays it queues a copy of the ring to pinned memory and an event,
         and it reads tokens once their event has passed, at most AHEAD steps behind the GPU.
         Tokens computed past the caller's stop are thrown away."""
         self.sampler.set_params(temperature, top_k, top_p, seed)
-        self.prefill(prompt_ids)
+        self.prefill(prompt_ids, start)
         pending, free = [], list(self.events)  # (event, tokens produced when it was recorded)
 
         def read_back(produced):
@@ -1656,10 +1680,11 @@ class Engine:
         # fp8 stays fp8 on CUDA; its kernels stack matrices, so rows come in whole 128-blocks
         rows = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim)
         keep_fp8 = self.fp8 and self.device.type == "cuda" and all(n % FP8_BLOCK == 0 for n in rows)
-        self.weights = load_weights(model_dir, c, self.dtype, self.device, quantize == "fp8", keep_fp8)
+        self.weights = load_weights(model_dir, c, self.dtype, self.device, quantize == "fp8", keep_fp8,
+                                    progress=verbose and sys.stderr.isatty())
         self.cache = KVCache(self.cfg, max_seq_len, page_size, self.dtype, self.device)
         self.rope = rope_tables(self.cfg, max_seq_len, self.device)
-        self.pos = 0  # tokens held in the cache (plain path)
+        self.cached = []  # the tokens whose K/V the cache holds (rows 0..): a prompt that starts with them reuses them
         self.stop_reason, self.stats = None, {}
         self.verbose, self.decoder = verbose, None
         if self.device.type == "cuda" and fast is not False:
@@ -1687,8 +1712,18 @@ class Engine:
         if why:
             self._log(f"warning: running the plain-torch path on CUDA: {why}")
             return
+        # Triton and FlashInfer compile the kernels once per machine (and nanofast version): say so
+        with open(__file__, "rb") as f:
+            key = hashlib.sha1(f.read() + torch.cuda.get_device_name(self.device).encode()).hexdigest()[:16]
+        marker = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanofast", key)
+        if not os.path.exists(marker):
+            self._log("compiling the GPU kernels: the first run on a machine takes a minute or two, "
+                      "later runs start in about a second")
         t0 = time.perf_counter()
         self.decoder = FastDecoder(self)
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
         gib = 2 ** 30
         self._log(f"KV cache {self.cache.data.nbytes / gib:.2f} GiB for {self.max_seq_len} tokens; CUDA graph "
                   f"captured in {time.perf_counter() - t0:.1f} s; GPU memory in use "
@@ -1702,25 +1737,30 @@ class Engine:
             raise NanofastError(f"{pos + ids.shape[0]} tokens do not fit max_seq_len {self.max_seq_len}")
         with torch.inference_mode():
             logits = forward(self.weights, self.cfg, self.cache, self.rope, ids, pos, last_only=last_only)
-        self.pos = pos + ids.shape[0]
+        self.cached = self.cached[:pos] + ids.tolist() if pos <= len(self.cached) else []
         return logits
 
     def reset(self):
-        self.pos = 0
+        self.cached = []
+
+    def reusable(self, ids) -> int:  # how many leading tokens of ids the cache holds (all but the last at most)
+        return next((i for i, (a, b) in enumerate(zip(self.cached, ids[:-1])) if a != b),
+                    min(len(self.cached), len(ids) - 1))
 
     def prefill(self, ids):  # -> fp32 logits (V,) of the last prompt token
+        start = self.reusable(ids)
         if not self.fast:
-            return self.forward(ids, 0, last_only=True)[0]
-        self.decoder.prefill(ids)
-        self.pos = len(ids)
+            return self.forward(ids[start:], start, last_only=True)[0]
+        self.decoder.prefill(ids, start)
+        self.cached = list(ids)
         return self.decoder.logits.clone()
 
     def step(self, token: int):  # -> fp32 logits (V,) after appending one token
-        if self.pos >= self.max_seq_len:
+        if len(self.cached) >= self.max_seq_len:
             raise NanofastError("the KV cache is full")
         if not self.fast:
-            return self.forward([token], self.pos)[0]
-        self.pos += 1
+            return self.forward([token], len(self.cached))[0]
+        self.cached.append(token)
         return self.decoder.step(token)
 
     # generation
@@ -1730,21 +1770,25 @@ class Engine:
         """Yield new token ids. Stops at a stop id (which is yielded), after
         max_new_tokens, or when prompt plus output fill max_seq_len. Afterwards
         self.stop_reason says which ("eos", "max_new_tokens", "cache_full", or
-        "interrupted" if the caller stopped early) and self.stats has the timings."""
-        P = len(prompt_ids)
+        "interrupted" if the caller stopped early) and self.stats has the timings.
+        The prompt's leading tokens that the cache already holds (the conversation so far,
+        say) are not run again: only the rest is prefilled."""
+        P, prompt_ids = len(prompt_ids), list(prompt_ids)
         check_prompt(P, self.max_seq_len)
         if max_new_tokens < 1:
             raise NanofastError("max_new_tokens must be at least 1")
         limit = min(max_new_tokens, self.max_seq_len - P)
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        start = self.reusable(prompt_ids)
         source = (self.decoder.tokens if self.fast else self._plain_tokens)(
-            list(prompt_ids), limit, temperature, top_k, top_p, seed)
-        stop, n, t_first = set(stop_ids), 0, None
-        self.stop_reason, self.stats = None, {}
+            prompt_ids, start, limit, temperature, top_k, top_p, seed)
+        stop, out, n, t_first = set(stop_ids), [], 0, None
+        self.stop_reason, self.stats, self.cached = None, {}, prompt_ids[:start]
         t0 = time.perf_counter()
         try:
             for token in source:
                 n += 1
+                out.append(token)
                 t_first = t_first or time.perf_counter()
                 yield token
                 if token in stop:
@@ -1754,16 +1798,19 @@ class Engine:
                 self.stop_reason = "max_new_tokens" if n >= max_new_tokens else "cache_full"
         finally:
             source.close()
+            if out:  # every token but the last went through the model
+                self.cached = prompt_ids + out[:-1]
             t_end = time.perf_counter()
             self.stop_reason = self.stop_reason or "interrupted"
-            self.stats = dict(weights=self.weight_format, prompt_tokens=P, generated_tokens=n,
+            self.stats = dict(weights=self.weight_format, prompt_tokens=P, reused_tokens=start,
+                              prefilled_tokens=P - start, generated_tokens=n,
                               ttft_s=(t_first - t0) if t_first else None,
                               decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 else None,
                               total_s=t_end - t0)
 
-    def _plain_tokens(self, prompt_ids, limit, temperature, top_k, top_p, seed):
+    def _plain_tokens(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
         generator = torch.Generator().manual_seed(seed)
-        logits = self.forward(prompt_ids, 0, last_only=True)[0]
+        logits = self.forward(prompt_ids[start:], start, last_only=True)[0]
         for i in range(limit):
             token = sample(logits, temperature, top_k, top_p, generator)
             yield token
@@ -1774,6 +1821,41 @@ class Engine:
 def load(model_dir: str, **kwargs) -> Engine:
     """Load a Qwen3 checkpoint folder; see Engine for the options."""
     return Engine(model_dir, **kwargs)
+
+
+class Chat:
+    """A conversation: send() streams the answer's text and keeps the history. Each turn's
+    prompt is the whole conversation, and the engine prefills only what its cache lacks.
+
+        chat = nanofast.Chat(engine, nanofast.Tokenizer(folder), system="Be brief.", temperature=0.6)
+        for text in chat.send("Why is the sky blue?"):
+            print(text, end="", flush=True)
+    """
+
+    def __init__(self, engine, tokenizer, system=None, think=True, max_new_tokens=2048, **sampling):
+        self.engine, self.tokenizer, self.system, self.think = engine, tokenizer, system, think
+        self.max_new_tokens, self.sampling, self.messages = max_new_tokens, sampling, []
+
+    def reset(self):
+        self.messages = []
+
+    def send(self, text: str):
+        """Yield the answer as text. A too long conversation raises NanofastError and is left as it
+        was; an answer the caller stops (Ctrl-C) stays in the history as far as it got."""
+        system = [dict(role="system", content=self.system)] if self.system is not None else []
+        messages = self.messages + [dict(role="user", content=text)]
+        ids = self.tokenizer.encode(Tokenizer.template(system + messages, self.think))
+        tokens = self.engine.generate(ids, self.max_new_tokens, stop_ids=self.tokenizer.eos_ids, **self.sampling)
+        stream, out = StreamDecoder(self.tokenizer), []
+        try:
+            for token in tokens:
+                out.append(token)
+                yield stream.push(token)
+            yield stream.flush()
+        finally:
+            tokens.close()
+            if out:
+                self.messages = messages + [dict(role="assistant", content=self.tokenizer.decode(out))]
 
 
 # -----------------------------------------------------------------------------
@@ -1791,7 +1873,7 @@ def parse_args(argv=None):
                    "sequence at a time. Sampling defaults come from the model's generation_config.json.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder (default {DEFAULT_MODEL}; "
                    f"downloaded from {DEFAULT_REPO} if missing and huggingface_hub is installed)")
-    p.add_argument("--prompt", help="the prompt text; '-' reads it from stdin")
+    p.add_argument("--prompt", help="the prompt text; '-' reads it from stdin (with --chat: the first turn)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--system", help="system prompt (default: none)")
     p.add_argument("--no-think", action="store_true", help="turn Qwen3's thinking off (empty <think> block)")
@@ -1812,6 +1894,8 @@ def parse_args(argv=None):
     p.add_argument("--plain", action="store_true", help="on CUDA, run the plain-torch path instead of the CUDA graph")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, stop reason, timings) "
                    "instead of streaming text")
+    p.add_argument("--chat", action="store_true", help=f"a conversation on stdin, one turn per line, reusing the "
+                   f"KV cache; commands: {CHAT_COMMANDS}")
     args = p.parse_args(argv)
     checks = [
         (args.temperature is not None and not (args.temperature >= 0 and math.isfinite(args.temperature)),
@@ -1821,8 +1905,10 @@ def parse_args(argv=None):
         (args.max_new_tokens < 1, "--max-new-tokens must be >= 1"),
         (args.max_seq_len < 2, "--max-seq-len must be >= 2"),
         (args.prompt is not None and args.prompt_file is not None, "give --prompt or --prompt-file, not both"),
-        (args.prompt is None and args.prompt_file is None, "no prompt: give --prompt TEXT, --prompt - (stdin) "
-         "or --prompt-file FILE"),
+        (args.prompt is None and args.prompt_file is None and not args.chat, "no prompt: give --prompt TEXT, "
+         "--prompt - (stdin), --prompt-file FILE or --chat"),
+        (args.chat and (args.json or args.raw or args.prompt == "-"), "--chat reads its turns from stdin and "
+         "streams text: it takes no --json, --raw or --prompt -"),
     ]
     for bad, message in checks:
         if bad:
@@ -1865,9 +1951,10 @@ def run(args) -> int:
     load_config(args.model)  # a bad folder fails here, before the tokenizer
     tokenizer = Tokenizer(args.model)
     defaults = tokenizer.generation
-    text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
-    prompt_ids = tokenizer.encode(text)
-    check_prompt(len(prompt_ids), args.max_seq_len)  # before the slow part
+    if not args.chat:
+        text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
+        prompt_ids = tokenizer.encode(text)
+        check_prompt(len(prompt_ids), args.max_seq_len)  # before the slow part
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                   fast=not args.plain, quantize=args.quantize)
@@ -1875,10 +1962,13 @@ def run(args) -> int:
           f"{str(engine.dtype).replace('torch.', '')} activations, "
           f"{'CUDA graph' if engine.fast else 'plain torch'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
+    sampling = dict(temperature=pick(args.temperature, "temperature"), top_k=pick(args.top_k, "top_k"),
+                    top_p=pick(args.top_p, "top_p"), seed=args.seed)
+    if args.chat:
+        return chat_loop(Chat(engine, tokenizer, args.system, not args.no_think, args.max_new_tokens, **sampling),
+                         prompt)
     generation = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens,
-                                 temperature=pick(args.temperature, "temperature"), top_k=pick(args.top_k, "top_k"),
-                                 top_p=pick(args.top_p, "top_p"), seed=args.seed,
-                                 stop_ids=() if args.ignore_eos else defaults["eos_ids"])
+                                 stop_ids=() if args.ignore_eos else defaults["eos_ids"], **sampling)
     stream, out_ids = StreamDecoder(tokenizer), []
     try:
         for token in generation:
@@ -1888,17 +1978,64 @@ def run(args) -> int:
                 sys.stdout.flush()
     except KeyboardInterrupt:
         generation.close()
-    s = engine.stats
     if args.json:
         print(json.dumps(dict(prompt_ids=prompt_ids, generated_ids=out_ids, text=tokenizer.decode(out_ids),
-                              stop_reason=engine.stop_reason, timings=s), ensure_ascii=False))
+                              stop_reason=engine.stop_reason, timings=engine.stats), ensure_ascii=False))
     else:
         sys.stdout.write(stream.flush() + "\n")
+    print_stats(engine)
+    return 130 if engine.stop_reason == "interrupted" else 0
+
+
+def print_stats(engine):
+    s = engine.stats
     ttft = f"{s['ttft_s'] * 1e3:.0f} ms" if s.get("ttft_s") is not None else "-"
     tps = f"{s['decode_tok_s']:.1f} tok/s" if s.get("decode_tok_s") else "-"
-    print(f"[nanofast] prompt {s.get('prompt_tokens')} tokens, generated {s.get('generated_tokens')} tokens "
-          f"(stop: {engine.stop_reason}), time to first token {ttft}, decode {tps}", file=sys.stderr)
-    return 130 if engine.stop_reason == "interrupted" else 0
+    print(f"[nanofast] prompt {s.get('prompt_tokens')} tokens ({s.get('reused_tokens')} reused from the cache), "
+          f"generated {s.get('generated_tokens')} tokens (stop: {engine.stop_reason}), time to first token {ttft}, "
+          f"decode {tps}", file=sys.stderr)
+
+
+CHAT_COMMANDS = "/reset (new conversation), /system TEXT, /think on|off, /stats, /exit"
+
+
+def chat_loop(chat: Chat, first: str | None = None) -> int:
+    """--chat: one user turn per line of stdin, each answer streamed. Ctrl-C stops an answer;
+    Ctrl-D, /exit or Ctrl-C at the prompt ends the conversation."""
+    tty = sys.stdout.isatty()  # then thinking is shown dimmed, apart from the answer
+    print(f"[nanofast] chat: one message per line; {CHAT_COMMANDS}", file=sys.stderr)
+    while True:
+        try:
+            line = first if first is not None else input("> " if sys.stdin.isatty() else "")
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        first, (command, _, arg) = None, line.strip().partition(" ")
+        if command == "/exit":
+            return 0
+        elif command == "/reset":
+            chat.reset()
+        elif command == "/system":  # a new system prompt starts a new conversation
+            chat.system, chat.messages = arg or None, []
+        elif command == "/think" and arg in ("on", "off"):
+            chat.think = arg == "on"
+        elif command == "/stats":
+            print_stats(chat.engine)
+        elif command.startswith("/"):
+            print(f"unknown command {line.strip()!r}; commands: {CHAT_COMMANDS}", file=sys.stderr)
+        elif line.strip():
+            try:
+                for text in chat.send(line):
+                    if tty:
+                        text = text.replace("<think>", "\033[2m<think>").replace("</think>", "</think>\033[0m")
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                if chat.engine.stop_reason == "cache_full":
+                    print("\n[nanofast] the conversation filled --max-seq-len; /reset starts a new one", file=sys.stderr)
+            except KeyboardInterrupt:
+                sys.stdout.write("\033[0m" if tty else "")  # the answer so far stays in the conversation
+            except NanofastError as e:
+                print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
+            print()
 
 
 def main(argv=None) -> int:

@@ -979,6 +979,10 @@ CLI_ERRORS = {
         "device-tpu": ("--device", "tpu"),
         "device-cuda-index": ("--device", "cuda:99"),
         "unknown-flag": ("--frobnicate",),
+        "quantize-int4": ("--quantize", "int4"),
+        "chat-json": ("--chat", "--json"),
+        "chat-raw": ("--chat", "--raw"),
+        "chat-prompt-stdin": ("--chat", "--prompt", "-"),
     }.items()},
     **{name: CliError(args, tok=True) for name, args in {
         "prompt-too-long-raw": ("--raw", "--prompt", "x " * 64, "--max-seq-len", "64"),
@@ -1035,7 +1039,7 @@ def test_cli_help(capsys):
     assert rc == 0
     for opt in ("--model", "--prompt", "--prompt-file", "--system", "--no-think", "--raw", "--max-new-tokens",
                 "--temperature", "--top-k", "--top-p", "--seed", "--max-seq-len", "--dtype", "--device",
-                "--ignore-eos", "--json", "--plain", "--quantize"):
+                "--ignore-eos", "--json", "--plain", "--quantize", "--chat"):
         assert opt in out, opt
 
 
@@ -1061,6 +1065,9 @@ def cli_runs(tok_dir, tmp_path_factory):
         "no-think": ([*m, "--no-think", "--prompt", "日本語 🗾\nok", *short], None),
         "seeded": ([*m, "--prompt", "Hi", "--max-new-tokens", "12", *SEEDED, "--json"], None),
         "quantize": ([*greedy, "--quantize", "fp8", "--json"], None),
+        "chat": ([*m, "--chat", "--max-new-tokens", "3", "--temperature", "0"], CHAT_SCRIPT),
+        "chat-overflow": ([*m, "--chat", "--max-seq-len", "48", "--max-new-tokens", "3", "--temperature", "0",
+                           "--prompt", "word " * 200], "Hi\n"),
     }
     return _run_all(jobs)
 
@@ -1115,6 +1122,49 @@ def test_cli_prompt_options(cli_runs, ref_tok, hf_tok, name, prompt, system, thi
     assert 1 <= len(j["generated_ids"]) <= 2
 
 
+# a conversation piped into --chat: (kind, text), kind "user" for a turn, "command" for a slash command
+CHAT_TURNS = [("user", "Hello there"), ("command", "/stats"), ("user", "Why is the sky blue?"), ("command", "/stats"),
+              ("command", "/think off"), ("user", "And now?"), ("command", "/system Be brief."), ("user", "Hi again"),
+              ("command", "/frobnicate"), ("command", "/reset"), ("user", "Hello there"), ("command", "/exit"),
+              ("user", "never read")]
+CHAT_SCRIPT = "".join(text + "\n" for _, text in CHAT_TURNS)
+
+
+@requires_qwen3_files
+def test_cli_chat(cli_runs, tok_dir):
+    """--chat on piped stdin: the answers are the Chat API's for the same conversation (with the
+    commands applied), /stats reports the cache reuse, an unknown command gets a one-line hint,
+    and /exit ends the session."""
+    r = cli_runs["chat"]
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    chat = nanofast.Chat(load_engine(tok_dir), nanofast.Tokenizer(str(tok_dir)), max_new_tokens=3, temperature=0.0)
+    expected = ""
+    for kind, text in CHAT_TURNS[:CHAT_TURNS.index(("command", "/exit"))]:
+        if kind == "user":
+            expected += "".join(chat.send(text)) + "\n"
+        elif text.startswith("/think"):
+            chat.think = False
+        elif text.startswith("/system"):
+            chat.system, chat.messages = "Be brief.", []
+        elif text == "/reset":
+            chat.reset()
+    assert r.stdout == expected
+    reused = [int(n) for n in re.findall(r"\((\d+) reused from the cache\)", r.stderr)]
+    assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0, r.stderr
+    hints = [line for line in r.stderr.splitlines() if "/frobnicate" in line]
+    assert len(hints) == 1 and "/reset" in hints[0]
+
+
+@requires_qwen3_files
+def test_cli_chat_overflow(cli_runs):
+    # a turn that does not fit --max-seq-len is refused in one line, and the session goes on
+    r = cli_runs["chat-overflow"]
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "max-seq-len" in errors[0] and "/reset" in errors[0]
+    assert r.stdout.startswith("\n") and len(r.stdout.strip()) > 0  # no answer to the long turn, then one to "Hi"
+
+
 @requires_qwen3_files
 def test_cli_quantize_fp8(cli_runs, tok_dir):
     # --quantize fp8 reaches the engine: its ids are the Python API's with quantize="fp8", and it says so
@@ -1139,6 +1189,82 @@ def test_cli_seeded_sampling(cli_runs, tok_dir):
     eng = load_engine(tok_dir)
     again = list(eng.generate(j["prompt_ids"], max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7))
     assert again == j["generated_ids"]
+
+
+# -----------------------------------------------------------------------------
+# conversations: the multi-turn template, prefix reuse in the engine, Chat and --chat
+
+ANSWERS = ["Because of Rayleigh scattering.", "<think>\nShort waves scatter more.\n</think>\n\nBlue light scatters.",
+           "<think>\n\n</think>\n\nAn answer without thoughts.", "  an answer\nin two lines  "]
+
+
+@requires_qwen3_files
+@pytest.mark.parametrize("think", [True, False], ids=["think", "no-think"])
+@pytest.mark.parametrize("system", [None, "You are terse."], ids=["no-system", "system"])
+@pytest.mark.parametrize("turns", [1, 2, 3, 4])
+def test_multi_turn_template_matches_released(hf_tok, system, think, turns):
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for i in range(turns):  # user turns, and before each later one an assistant turn (some with <think>)
+        messages.append({"role": "user", "content": PROMPTS[i]})
+        if i < turns - 1:
+            messages.append({"role": "assistant", "content": ANSWERS[i]})
+    kw = {} if think else {"enable_thinking": False}
+    expected = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
+    assert nanofast.Tokenizer.template(messages, think=think) == expected
+
+
+def test_prefix_reuse(tied_case):
+    """Three turns on one engine: turns 2 and 3 prefill only the tokens the cache lacks, with
+    the greedy ids and the logits of a fresh engine on the whole conversation; then a history
+    edited in the middle is prefilled from the edit on."""
+    eng, fresh = load_engine(tied_case["dir"], page_size=4), load_engine(tied_case["dir"], page_size=4)
+    ids, held = list(tied_case["prompt"]), 0
+    for turn in range(3):
+        out = list(eng.generate(ids, max_new_tokens=6, temperature=0.0))
+        assert (eng.stats["reused_tokens"], eng.stats["prefilled_tokens"]) == (held, len(ids) - held)
+        fresh.reset()
+        assert out == list(fresh.generate(ids, max_new_tokens=6, temperature=0.0))
+        assert eng.cached == ids + out[:-1]  # the last token never went through the model
+        held = len(ids) + len(out) - 1
+        ids = ids + out + random_prompt(5, seed=turn)  # the next turn: the whole history and new tokens
+    fresh.reset()
+    assert_logits_close(eng.prefill(ids), fresh.prefill(ids), "reused prefill")
+    edited = ids[:8] + random_prompt(12, seed=9)
+    assert eng.reusable(edited) == 8
+    fresh.reset()
+    assert list(eng.generate(edited, max_new_tokens=4, temperature=0.0)) == \
+        list(fresh.generate(edited, max_new_tokens=4, temperature=0.0))
+    assert (eng.stats["reused_tokens"], eng.stats["prefilled_tokens"]) == (8, 12)
+
+
+@requires_qwen3_files
+def test_chat_api(tok_dir):
+    """Three turns through Chat: each prompt is the templated conversation, of which the engine
+    prefills only what its cache does not hold; a stopped answer stays in the history."""
+    eng, tok = load_engine(tok_dir, max_seq_len=256), nanofast.Tokenizer(str(tok_dir))
+    chat = nanofast.Chat(eng, tok, system="Be brief.", max_new_tokens=4, temperature=0.0)
+    system = [{"role": "system", "content": "Be brief."}]
+    for i, text in enumerate(["Hello", "Why is the sky blue?", "Thanks!"]):
+        prompt = tok.encode(nanofast.Tokenizer.template(system + chat.messages + [{"role": "user", "content": text}]))
+        held = eng.reusable(prompt)
+        assert (held > 0) == (i > 0)
+        answer = "".join(chat.send(text))
+        assert chat.messages[-2:] == [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        assert (eng.stats["prompt_tokens"], eng.stats["reused_tokens"]) == (len(prompt), held)
+    tokens = chat.send("One more")  # stopped after the first piece: the answer so far is kept
+    next(tokens)
+    tokens.close()
+    assert chat.messages[-2]["content"] == "One more" and chat.messages[-1]["role"] == "assistant"
+    chat.reset()
+    assert chat.messages == []
+
+
+def test_load_progress_only_on_a_terminal(tied_case, monkeypatch, capsys):
+    load_engine(tied_case["dir"])
+    assert "loading layer" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    load_engine(tied_case["dir"])
+    assert "loading layer 2 of 2" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -1723,7 +1849,7 @@ def test_fast_greedy_matches_plain(gpu_case):
     prompt = random_prompt(64, seed=11)
     fast = list(engine.generate(prompt, max_new_tokens=128, temperature=0.0))
     assert engine.stop_reason == "max_new_tokens" and len(fast) == 128
-    plain = list(engine._plain_tokens(prompt, 128, 0.0, 0, 1.0, 0))
+    plain = list(engine._plain_tokens(prompt, 0, 128, 0.0, 0, 1.0, 0))
     j = first_divergence(fast, plain)
     if j is not None:
         logits = engine.forward(prompt + plain[:j], 0)[-1]
@@ -1765,7 +1891,7 @@ def test_fast_stops_at_full_cache(tiny_fast):
     prompt = random_prompt(40, seed=1)
     out = list(tiny_fast.generate(prompt, max_new_tokens=100, temperature=0.0))
     assert tiny_fast.stop_reason == "cache_full" and len(out) == 64 - 40
-    assert out == list(tiny_fast._plain_tokens(prompt, 24, 0.0, 0, 1.0, 0))
+    assert out == list(tiny_fast._plain_tokens(prompt, 0, 24, 0.0, 0, 1.0, 0))
 
 
 @requires_fast
@@ -1779,6 +1905,37 @@ def test_fast_eos_overshoot_is_dropped(tiny_fast):
     out = list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0, stop_ids=[full[j]]))
     assert out == full[:j + 1] and tiny_fast.stop_reason == "eos"
     assert list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0)) == full
+
+
+@requires_fast
+def test_fast_prefix_reuse(tiny_fast):
+    """Three turns on the fast path with 16-token prefill chunks: later turns prefill only the
+    tokens the cache lacks (across a chunk boundary), and their logits match a fresh prefill's."""
+    decoder, chunk = tiny_fast.decoder, tiny_fast.decoder.prefill_chunk
+    decoder.prefill_chunk = 16
+    try:
+        ids, held = random_prompt(20, seed=7), 0
+        for turn in range(3):
+            out = list(tiny_fast.generate(ids, max_new_tokens=5, temperature=0.0))
+            assert (tiny_fast.stats["reused_tokens"], tiny_fast.stats["prefilled_tokens"]) == (held, len(ids) - held)
+            held = len(ids) + len(out) - 1
+            ids = ids + out + random_prompt(9, seed=turn)
+        reused = tiny_fast.prefill(ids)
+        tiny_fast.reset()
+        assert rel_err(reused, tiny_fast.prefill(ids)) <= BF16_RTOL
+    finally:
+        decoder.prefill_chunk = chunk
+
+
+@requires_fast
+def test_first_run_says_it_compiles(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a machine that has not run nanofast
+    d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
+    nanofast.load(str(d), device="cuda", max_seq_len=64)
+    err = capfd.readouterr().err
+    assert err.count("first run on a machine") == 1 and err.index("first run") < err.index("CUDA graph captured")
+    nanofast.load(str(d), device="cuda", max_seq_len=64)
+    assert "first run" not in capfd.readouterr().err
 
 
 @requires_fast
