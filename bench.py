@@ -8,26 +8,22 @@
     python bench.py --fp8                             # plus nanofast.load(..., quantize="fp8")
     python bench.py --shape tiny --device cpu --quick --peers eager   # smoke test, no GPU
 
-At batch size 1 a decode step reads every weight once (lm_head included; a tied
-embedding counts once) plus the KV cache of the context, so the floor is
-bytes per token / copy bandwidth, with the bandwidth measured in the same run by a large
-device-to-device copy (bytes read + written). For each shape it lays out a checkpoint
-of random bf16 weights under the released tensor names, loads it through nanofast.load,
-and measures decode tok/s per context (greedy, no stop ids, median of runs, time after
-the first token), sampling overhead, time to first token, startup (first and second
-load in the process), and the same for transformers eager and static-cache +
-torch.compile. It prints a table, then one line of JSON (the last line of stdout).
---quick numbers are for smoke tests only.
+At batch size 1 a decode step reads every weight once (lm_head included; a tied embedding counts
+once) plus the KV cache of the context, so the floor is bytes per token / copy bandwidth, with the
+bandwidth measured in the same run by a large device-to-device copy (bytes read + written). For each
+shape it lays out a checkpoint of random bf16 weights under the released tensor names, loads it
+through nanofast.load, and measures decode tok/s per context (greedy, no stop ids, median of runs,
+time after the first token), sampling overhead, time to first token, startup (first and second load
+in the process), and the same for transformers eager and static-cache + torch.compile. It prints a
+table, then one line of JSON (the last line of stdout). --quick numbers are for smoke tests only.
 
---baseline FILE (another nanofast.py, e.g. an older commit's, imported as a second module)
-and --fp8 (the same checkpoint loaded with quantize="fp8") add engines held beside the one
-under test. At each context, and for the 4096-token time to first token, their runs take
-turns with its runs (A, B, A, B, ...), so drift in clocks and temperature hits both alike.
-Each reports tok/s and the ratio to the engine under test, fp8 also its own floor (counting
-fp8 bytes); in the JSON under "baseline" and "fp8" of each shape.
+--baseline FILE (another nanofast.py, e.g. an older commit's, imported as a second module) and --fp8
+(the same checkpoint loaded with quantize="fp8") add engines held beside the one under test. At each
+context, and for the 4096-token time to first token, their runs take turns with its runs (A, B, A,
+B, ...), so drift in clocks and temperature hits both alike. Each reports tok/s and the ratio to the
+engine under test, fp8 also its own floor (counting fp8 bytes); in the JSON under "baseline" and
+"fp8" of each shape.
 """
-from __future__ import annotations
-
 import argparse
 import gc
 import importlib.util
@@ -74,7 +70,6 @@ def attempt(what, fn, *args, **kwargs):
         ERRORS.append(msg)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return None
 
 
 def sync(device):
@@ -105,6 +100,14 @@ def time_once(fn, device) -> float:
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def fmt(x, spec, scale=1.0, unit=""):
+    return "-" if x is None else f"{x * scale if scale != 1 else x:{spec}}{unit}"
 
 
 # -----------------------------------------------------------------------------
@@ -158,14 +161,10 @@ def write_checkpoint(folder: str, shape: str, device, shard_bytes: int = 5 << 30
     weight_map = {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, s in shard:
-            if len(s) == 1:
-                t = torch.ones(s, dtype=torch.bfloat16, device=device)
-            else:
-                t = torch.randn(s, generator=gen, dtype=torch.bfloat16, device=device).mul_(s[1] ** -0.5)
-            tensors[name] = t.cpu()
-            weight_map[name] = fname
+        tensors = {name: (torch.ones(s, dtype=torch.bfloat16, device=device) if len(s) == 1 else  # norms
+                          torch.randn(s, generator=gen, dtype=torch.bfloat16, device=device).mul_(s[1] ** -0.5)).cpu()
+                   for name, s in shard}
+        weight_map.update(dict.fromkeys(tensors, fname))
         save_file(tensors, os.path.join(folder, fname), metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
@@ -193,12 +192,9 @@ def bytes_per_token(cfg, fp8: bool = False) -> tuple:
     4B and 8B, and 0.752, 2.032, 4.413 and 8.193 GB with fp8."""
     weights = 0
     for name, shape in nanofast.checkpoint_shapes(cfg).items():
-        if name == "model.embed_tokens.weight":
-            continue
         if fp8 and name.endswith("_proj.weight"):
-            rows, cols = shape
-            weights += rows * cols + 4 * -(-rows // 128) * -(-cols // 128)
-        else:
+            weights += math.prod(shape) + 4 * math.prod(-(-n // 128) for n in shape)
+        elif name != "model.embed_tokens.weight":
             weights += 2 * math.prod(shape)
     return weights, 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V
 
@@ -227,15 +223,17 @@ def random_prompt(n: int, vocab: int, seed: int = 0) -> list:
 
 
 def nf_stats(engine, prompt, n, **sampling):
+    if hasattr(engine, "reset"):  # measure a whole prefill: no prefix left in the cache from the last run
+        engine.reset()
     out = list(engine.generate(prompt, max_new_tokens=n, stop_ids=(), seed=0, **sampling))
     if len(out) != n:
         raise RuntimeError(f"generated {len(out)} tokens, expected {n} (stop: {engine.stop_reason})")
     return dict(engine.stats)
 
 
-def side_by_side(what, engines: dict, prompt, n, runs, key, **sampling) -> dict:
-    """{label: engine.stats[key] of each run} for a warm-up and then runs rounds of n-token
-    generates, the engines taking turns within each round. An engine that fails drops out."""
+def side_by_side(what, engines: dict, prompt, n, runs, key, **sampling) -> tuple:
+    """({label: median}, {label: engine.stats[key] of each run}) for a warm-up and then runs rounds
+    of n-token generates, the engines taking turns within each round. An engine that fails drops out."""
     values = {}
     for label, engine in engines.items():
         if attempt(f"{what} ({label})", nf_stats, engine, prompt, min(n, 16), **sampling) is not None:
@@ -247,19 +245,16 @@ def side_by_side(what, engines: dict, prompt, n, runs, key, **sampling) -> dict:
                 del values[label]
             else:
                 values[label].append(s[key])
-    return values
-
-
-def ratio(a, b):
-    return a / b if a and b else None
+    return {label: median(xs) for label, xs in values.items()}, values
 
 
 def import_baseline(path: str):
+    """The load function of another nanofast.py, imported as the module nanofast_baseline."""
     spec = importlib.util.spec_from_file_location("nanofast_baseline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look up their module there
     spec.loader.exec_module(module)
-    return module
+    return module.load
 
 
 def load_fp8(model_dir, **kw):
@@ -328,15 +323,14 @@ def hf_peer(kind, model_dir, device, dtype, vocab, tokens, runs) -> dict:
     The difference of two generate calls cancels each call's fixed costs (prefill, cache
     allocation, CUDA-graph re-recording for a fresh static cache), leaving decode steps."""
     import transformers
-    from transformers import Qwen3ForCausalLM
 
     transformers.logging.set_verbosity_error()
     t0 = time.perf_counter()
     try:
-        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device))
+        model = transformers.Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device))
     except Exception as e:  # noqa: BLE001: older or newer loaders; fall back to a plain move
         print(f"  ({kind}: from_pretrained(device_map=...) failed ({str(e)[:60]}...); loading on CPU, then moving)")
-        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = transformers.Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.eval()
     model.generation_config.eos_token_id = None  # ignore eos: always N tokens
     sync(device)
@@ -365,9 +359,7 @@ def hf_peer(kind, model_dir, device, dtype, vocab, tokens, runs) -> dict:
     for n in [tokens] * (3 if kind == "compile" else 1) + [half, 1]:  # compile, record CUDA graphs
         run(n)
     warmup_s = time.perf_counter() - t0
-    t1 = median([run(1) for _ in range(runs)])
-    th = median([run(half) for _ in range(runs)])
-    tn = median([run(tokens) for _ in range(runs)])
+    t1, th, tn = (median([run(n) for _ in range(runs)]) for n in (1, half, tokens))  # in this order
     compiled = getattr(model, "_compiled_call", None) is not None
     del model
     free(device)
@@ -399,18 +391,19 @@ def bench_shape(name, model_dir, device, args, res: dict):
 
     res["peers"], res["ratios"] = {}, {}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as nanofast picks
+    nf_tok_s, nf_ttft_s = res.get("decode", {}).get(base, {}).get("tok_s"), res.get("ttft_s", {}).get("128")
     for kind in args.peers_for(name):
         p = attempt(f"{name} peer {kind}", hf_peer, kind, model_dir, device, dtype, cfg.vocab_size,
                     args.peer_tokens, args.peer_runs)
         free(device)
-        if p is None:
-            continue
-        res["peers"][kind] = p
-        nf_tps, nf_ttft_s = res.get("decode", {}).get(base, {}).get("tok_s"), res.get("ttft_s", {}).get("128")
-        res["ratios"][kind] = {"decode": ratio(nf_tps, p["decode_tok_s"]), "ttft": ratio(p["ttft_s"], nf_ttft_s)}
+        if p is not None:
+            res["peers"][kind] = p
+            res["ratios"][kind] = {"decode": ratio(nf_tok_s, p["decode_tok_s"]),
+                                   "ttft": ratio(p["ttft_s"], nf_ttft_s)}
 
 
 def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
+    """nanofast.load's engine ("new"), and beside it those of --baseline and --fp8, runs taking turns."""
     T, V, (w_bytes, kv_bytes), bw = args.tokens, cfg.vocab_size, bytes_per_token(cfg), res["bandwidth_Bps"]
     max_seq_len = max(contexts + list(TTFT_PROMPTS)) + T + 512  # 512: room for --profile's extra steps
     kw = dict(max_seq_len=max_seq_len, fast=False if args.plain else None)
@@ -424,67 +417,70 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
           f"first {st['first']:.2f} s, second {st['second']:.2f} s", flush=True)
 
     engines = {"new": engine}  # and the versions compared with it, all loaded at once
-    loaders = {}
     if args.baseline:
         res["baseline"] = {"file": args.baseline, "decode": {}}
-        if args.baseline_module:  # None when its import failed (noted in ERRORS)
-            loaders["baseline"] = args.baseline_module.load
     if args.fp8:
         res["fp8"] = {"weight_bytes": bytes_per_token(cfg, fp8=True)[0], "decode": {}}
-        loaders["fp8"] = load_fp8
-    for label, load in loaders.items():
-        got = attempt(f"{name} {label} load", timed_load, load, model_dir, device, **kw)
-        if got:
-            engines[label], res[label]["load_s"] = got
-            print(f"  {label} loaded in {got[1]:.2f} s", flush=True)
-        free(device)
+    for label, load in (("baseline", args.baseline_load), ("fp8", args.fp8 and load_fp8)):
+        if load:  # baseline_load is None without --baseline, or when its import failed (noted in ERRORS)
+            got = attempt(f"{name} {label} load", timed_load, load, model_dir, device, **kw)
+            if got:
+                engines[label], res[label]["load_s"] = got
+                print(f"  {label} loaded in {got[1]:.2f} s", flush=True)
+            free(device)
 
     res["decode"] = dec = {}
     for ctx in contexts:
-        runs = side_by_side(f"{name} decode ctx {ctx}", engines, random_prompt(ctx, V), T, args.runs,
-                            "decode_tok_s")
-        tok_s = {label: median(xs) for label, xs in runs.items()}
-        kv = kv_bytes * (ctx + T / 2)  # KV at the decode's mean context
-        new = tok_s.get("new")
+        tok_s, runs = side_by_side(f"{name} decode ctx {ctx}", engines, random_prompt(ctx, V), T, args.runs,
+                                   "decode_tok_s")
+        c, new, kv = str(ctx), tok_s.get("new"), kv_bytes * (ctx + T / 2)  # KV at the decode's mean context
         if "new" in runs:
-            dec[str(ctx)] = {**against_floor(new, w_bytes + kv, bw), "runs": runs["new"]}
+            dec[c] = {**against_floor(new, w_bytes + kv, bw), "runs": runs["new"]}
         if "baseline" in runs:
-            res["baseline"]["decode"][str(ctx)] = {"baseline_tok_s": tok_s["baseline"], "new_tok_s": new,
-                                                   "ratio": ratio(new, tok_s["baseline"]),
-                                                   "baseline_runs": runs["baseline"]}
+            old = tok_s["baseline"]
+            res["baseline"]["decode"][c] = {"baseline_tok_s": old, "new_tok_s": new, "ratio": ratio(new, old),
+                                            "baseline_runs": runs["baseline"]}
         if "fp8" in runs:
-            res["fp8"]["decode"][str(ctx)] = {**against_floor(tok_s["fp8"], res["fp8"]["weight_bytes"] + kv, bw),
-                                              "runs": runs["fp8"], "bf16_tok_s": new,
-                                              "ratio": ratio(tok_s["fp8"], new)}
+            f8 = tok_s["fp8"]
+            res["fp8"]["decode"][c] = {**against_floor(f8, res["fp8"]["weight_bytes"] + kv, bw),
+                                       "runs": runs["fp8"], "bf16_tok_s": new, "ratio": ratio(f8, new)}
         print(f"  decode ctx {ctx}: " + ", ".join(f"{label} {fmt(t, '.1f')} tok/s" for label, t in tok_s.items()),
               flush=True)
-    s = side_by_side(f"{name} sampling", {"new": engine}, random_prompt(int(base), V), T, args.runs,
-                     "decode_tok_s", **SAMPLING).get("new")
-    res["sampling"] = s = {"tok_s": median(s), "runs": s} if s else None
+    tok_s, runs = side_by_side(f"{name} sampling", {"new": engine}, random_prompt(int(base), V), T, args.runs,
+                               "decode_tok_s", **SAMPLING)
+    res["sampling"] = s = {"tok_s": tok_s["new"], "runs": runs["new"]} if runs.get("new") else None
     if s and s["tok_s"] and dec.get(base, {}).get("tok_s"):
         s["overhead_pct"] = 100 * (dec[base]["tok_s"] / s["tok_s"] - 1)  # extra time per token
     res["ttft_s"] = {}
     for p in TTFT_PROMPTS:
-        runs = side_by_side(f"{name} ttft {p}", engines if p == AB_TTFT else {"new": engine},
-                            random_prompt(p, V), 1, args.runs, "ttft_s")
-        ttft = {label: median(xs) for label, xs in runs.items()}
+        ttft, _ = side_by_side(f"{name} ttft {p}", engines if p == AB_TTFT else {"new": engine},
+                               random_prompt(p, V), 1, args.runs, "ttft_s")
         res["ttft_s"][str(p)] = new = ttft.get("new")
+        old, f8 = ttft.get("baseline"), ttft.get("fp8")
         if p == AB_TTFT and "baseline" in res:
-            res["baseline"]["ttft_s"] = {"prompt": p, "baseline": ttft.get("baseline"), "new": new,
-                                         "ratio": ratio(new, ttft.get("baseline"))}
+            res["baseline"]["ttft_s"] = {"prompt": p, "baseline": old, "new": new, "ratio": ratio(new, old)}
         if p == AB_TTFT and "fp8" in res:
-            res["fp8"]["ttft_s"] = {"prompt": p, "bf16": new, "fp8": ttft.get("fp8"),
-                                    "ratio": ratio(ttft.get("fp8"), new)}
+            res["fp8"]["ttft_s"] = {"prompt": p, "bf16": new, "fp8": f8, "ratio": ratio(f8, new)}
     if args.profile:
         res["profile"] = attempt(f"{name} profile", profile_step, engine, V)
 
 
-def fmt(x, spec, scale=1.0, unit=""):
-    return "-" if x is None else f"{x * scale if scale != 1 else x:{spec}}{unit}"
+# -----------------------------------------------------------------------------
+# the table
 
 
-def print_ab_tail(r, a, b):
-    """The end of a --baseline or --fp8 block: a note if no decode run came back, then TTFT of a and b."""
+def print_rows(rows: dict, *cols, first="context", align=">8"):
+    """A header, then a line per row (label: results); a column is (title, width, key, format spec[,
+    scale, unit]), a missing value "-"."""
+    print(f"  {first:{align}} " + " ".join(f"{title:>{width}}" for title, width, *_ in cols))
+    for label, d in rows.items():
+        print(f"  {label:{align}} " + " ".join(f"{fmt(d.get(key), *spec):>{width}}" for _, width, key, *spec in cols))
+
+
+def print_ab(r, title, a, b, *cols):
+    """A --baseline or --fp8 block: title, decode table (cols, then the ratio b/a), TTFT of a and b."""
+    print(title)
+    print_rows(r["decode"], *cols, (f"{b}/{a}", len(f"{b}/{a}") + 1, "ratio", ".3f", 1, "x"))
     if not r["decode"]:
         print("  (not measured: see the failures below)")
     t = r.get("ttft_s") or {}
@@ -500,30 +496,18 @@ def print_table(name, r, args):
     st = r.get("startup_s", {})
     print(f"startup (nanofast.load, incl. capture): first {fmt(st.get('first'), '.2f', 1, ' s')}, "
           f"second {fmt(st.get('second'), '.2f', 1, ' s')}")
+    gb, floor_tok_s = ("GB/token", 9, "bytes_per_token", ".3f", 1e-9), ("floor tok/s", 12, "floor_tok_s", ".0f")
+    tok_s, of_floor = ("tok/s", 9, "tok_s", ".1f"), ("of floor", 9, "frac_floor", ".1%")
     print(f"decode, greedy, {args.tokens} tokens, median of {args.runs} (floor: KV at prompt + {args.tokens}/2):")
-    print(f"  {'context':>8} {'GB/token':>9} {'floor us':>9} {'floor tok/s':>12} {'tok/s':>9} {'of floor':>9}")
-    for ctx, d in r.get("decode", {}).items():
-        print(f"  {ctx:>8} {d['bytes_per_token'] / 1e9:>9.3f} {fmt(d['floor_us'], '>9.1f')} "
-              f"{fmt(d['floor_tok_s'], '>12.0f')} {fmt(d['tok_s'], '>9.1f')} {fmt(d['frac_floor'], '>8.1%')}")
-    b = r.get("baseline")
-    if b:
-        print(f"A/B against baseline {b['file']} (same process, runs taking turns, median of {args.runs}):")
-        print(f"  {'context':>8} {'baseline tok/s':>15} {'new tok/s':>10} {'new/baseline':>13}")
-        for ctx, d in b["decode"].items():
-            print(f"  {ctx:>8} {fmt(d['baseline_tok_s'], '>15.1f')} {fmt(d['new_tok_s'], '>10.1f')} "
-                  f"{fmt(d['ratio'], '>12.3f', 1, 'x')}")
-        print_ab_tail(b, "baseline", "new")
-    f8 = r.get("fp8")
-    if f8:
-        print(f"fp8 projections (quantize=\"fp8\"; runs taking turns with bf16, median of {args.runs}; "
-              f"weights read per token {f8['weight_bytes'] / 1e9:.3f} GB):")
-        print(f"  {'context':>8} {'GB/token':>9} {'floor tok/s':>12} {'tok/s':>9} {'of floor':>9} "
-              f"{'bf16 tok/s':>11} {'fp8/bf16':>9}")
-        for ctx, d in f8["decode"].items():
-            print(f"  {ctx:>8} {d['bytes_per_token'] / 1e9:>9.3f} {fmt(d['floor_tok_s'], '>12.0f')} "
-                  f"{fmt(d['tok_s'], '>9.1f')} {fmt(d['frac_floor'], '>8.1%')} {fmt(d['bf16_tok_s'], '>11.1f')} "
-                  f"{fmt(d['ratio'], '>8.3f', 1, 'x')}")
-        print_ab_tail(f8, "bf16", "fp8")
+    print_rows(r.get("decode", {}), gb, ("floor us", 9, "floor_us", ".1f"), floor_tok_s, tok_s, of_floor)
+    if "baseline" in r:
+        print_ab(r["baseline"], f"A/B against baseline {r['baseline']['file']} (same process, runs taking turns, "
+                 f"median of {args.runs}):", "baseline", "new",
+                 ("baseline tok/s", 15, "baseline_tok_s", ".1f"), ("new tok/s", 10, "new_tok_s", ".1f"))
+    if "fp8" in r:
+        print_ab(r["fp8"], f"fp8 projections (quantize=\"fp8\"; runs taking turns with bf16, median of {args.runs}; "
+                 f"weights read per token {r['fp8']['weight_bytes'] / 1e9:.3f} GB):", "bf16", "fp8",
+                 gb, floor_tok_s, tok_s, of_floor, ("bf16 tok/s", 11, "bf16_tok_s", ".1f"))
     s = r.get("sampling") or {}
     print(f"sampling (t 0.6, top-k 20, top-p 0.95): {fmt(s.get('tok_s'), '.1f', 1, ' tok/s')}, "
           f"{fmt(s.get('overhead_pct'), '+.1f', 1, '%')} time per token vs greedy")
@@ -535,16 +519,13 @@ def print_table(name, r, args):
               f"{fmt(prof['graph_replay_us'], '.1f', 1, ' us')} (kernel table above)")
     peers = r.get("peers", {})
     if peers:
-        p0 = next(iter(peers.values()))
-        print(f"transformers peers (prompt 128, {p0['tokens']} tokens, median of {p0['runs']}; "
+        print(f"transformers peers (prompt 128, {args.peer_tokens} tokens, median of {args.peer_runs}; "
               "decode = (N-N/2)/(t(N)-t(N/2))):")
-        print(f"  {'peer':<9} {'tok/s':>8} {'TTFT ms':>8} {'load s':>7} {'warm-up s':>9} "
-              f"{'nanofast x tok/s':>17} {'x TTFT':>7}")
-        for kind, p in peers.items():
-            q = r["ratios"][kind]
-            label = kind + ("" if kind != "compile" or p["compiled"] else "(!)")
-            print(f"  {label:<9} {p['decode_tok_s']:>8.1f} {p['ttft_s'] * 1e3:>8.2f} {p['load_s']:>7.2f} "
-                  f"{p['warmup_s']:>9.2f} {fmt(q['decode'], '>16.2f', 1, 'x')} {fmt(q['ttft'], '>6.2f', 1, 'x')}")
+        print_rows({kind + ("(!)" if kind == "compile" and not p["compiled"] else ""): {**p, **r["ratios"][kind]}
+                    for kind, p in peers.items()}, ("tok/s", 8, "decode_tok_s", ".1f"),
+                   ("TTFT ms", 8, "ttft_s", ".2f", 1e3), ("load s", 7, "load_s", ".2f"),
+                   ("warm-up s", 9, "warmup_s", ".2f"), ("nanofast x tok/s", 17, "decode", ".2f", 1, "x"),
+                   ("x TTFT", 7, "ttft", ".2f", 1, "x"), first="peer", align="<9")
         if "compile" in peers and not peers["compile"]["compiled"]:
             print("  (!) generate did not compile (static cache only; compile runs on CUDA)")
 
@@ -565,43 +546,39 @@ def versions() -> dict:
 
 def git_commit():
     """The short commit, +dirty if nanofast.py differs from it; None outside a git checkout."""
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, timeout=10)  # noqa: E731
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        if not sha:
-            return None
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "nanofast.py"], cwd=HERE,
-                               timeout=10).returncode != 0
-        return sha + ("+dirty" if dirty else "")
+        sha = git("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = sha and git("diff", "--quiet", "HEAD", "--", "nanofast.py").returncode != 0
+        return sha + ("+dirty" if dirty else "") if sha else None
     except Exception:  # noqa: BLE001
         return None
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark nanofast against the bandwidth floor and transformers.")
-    p.add_argument("--shape", default="0.6B", help=f"comma-separated shapes of {list(SHAPES)} (default 0.6B)")
-    p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one (--shape ignored)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda if available)")
-    p.add_argument("--plain", action="store_true", help="force nanofast's plain-torch path")
-    p.add_argument("--tokens", type=int, default=256, help="new tokens per decode run (default 256, min 256)")
-    p.add_argument("--runs", type=int, default=5, help="runs per measurement, median reported (default 5, min 5)")
-    p.add_argument("--contexts", help="prompt lengths for decode, e.g. 128,4096 (default 128,4096,32768 "
-                   "for 0.6B, 128 for larger shapes)")
-    p.add_argument("--peers", help="transformers peers: eager,compile or none (default eager,compile "
-                   "for 0.6B only)")
-    p.add_argument("--peer-tokens", type=int, default=128, help="new tokens per peer run (default 128)")
-    p.add_argument("--peer-runs", type=int, default=3, help="runs per peer measurement (default 3)")
-    p.add_argument("--profile", action="store_true", help="per-kernel times of one decode step")
-    p.add_argument("--baseline", metavar="FILE", help="another nanofast.py (e.g. an older commit's) to measure "
-                   f"in the same run, runs taking turns: decode tok/s per context and {AB_TTFT}-token TTFT, "
-                   "with ratios new/baseline")
-    p.add_argument("--fp8", action="store_true", help='also load with nanofast.load(..., quantize="fp8") and '
-                   "measure it in the same run, runs taking turns with bf16: decode tok/s per context against "
-                   f"its own floor (fp8 bytes), and {AB_TTFT}-token TTFT, with ratios fp8/bf16")
-    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "nanofast-bench"),
-                   help="where random checkpoints are written and reused (default: TMP/nanofast-bench)")
-    p.add_argument("--out", help="also write the JSON to this file")
-    p.add_argument("--quick", action="store_true", help="few tokens and runs: smoke tests only, not for claims")
+    add = p.add_argument
+    add("--shape", default="0.6B", help=f"comma-separated shapes of {list(SHAPES)} (default 0.6B)")
+    add("--model", help="benchmark this checkpoint folder instead of a random one (--shape ignored)")
+    add("--device", help="cuda, cuda:N or cpu (default cuda if available)")
+    add("--plain", action="store_true", help="force nanofast's plain-torch path")
+    add("--tokens", type=int, default=256, help="new tokens per decode run (default 256, min 256)")
+    add("--runs", type=int, default=5, help="runs per measurement, median reported (default 5, min 5)")
+    add("--contexts", help="prompt lengths for decode, e.g. 128,4096 (default 128,4096,32768 for 0.6B, "
+        "128 for larger shapes)")
+    add("--peers", help="transformers peers: eager,compile or none (default eager,compile for 0.6B only)")
+    add("--peer-tokens", type=int, default=128, help="new tokens per peer run (default 128)")
+    add("--peer-runs", type=int, default=3, help="runs per peer measurement (default 3)")
+    add("--profile", action="store_true", help="per-kernel times of one decode step")
+    add("--baseline", metavar="FILE", help="another nanofast.py (e.g. an older commit's) to measure in the same run, "
+        f"runs taking turns: decode tok/s per context and {AB_TTFT}-token TTFT, with ratios new/baseline")
+    add("--fp8", action="store_true", help='also load with nanofast.load(..., quantize="fp8") and measure it in the '
+        "same run, runs taking turns with bf16: decode tok/s per context against its own floor (fp8 bytes), and "
+        f"{AB_TTFT}-token TTFT, with ratios fp8/bf16")
+    add("--cache-dir", default=os.path.join(tempfile.gettempdir(), "nanofast-bench"),
+        help="where random checkpoints are written and reused (default: TMP/nanofast-bench)")
+    add("--out", help="also write the JSON to this file")
+    add("--quick", action="store_true", help="few tokens and runs: smoke tests only, not for claims")
     a = p.parse_args(argv)
     if a.quick:
         a.tokens, a.runs, a.peer_tokens, a.peer_runs = 32, 2, 16, 2
@@ -616,8 +593,7 @@ def parse_args(argv=None):
         p.error(f"--baseline: no such file {a.baseline}")
     a.baseline = a.baseline and os.path.abspath(a.baseline)
     a.shapes = [os.path.basename(os.path.normpath(a.model)).removeprefix("Qwen3-")] if a.model else shapes
-    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
-    a.contexts_for = lambda name, cfg: ints(a.contexts) if a.contexts else (
+    a.contexts_for = lambda name, cfg: [int(x) for x in a.contexts.split(",") if x.strip()] if a.contexts else (
         [128, 4096, 32768] if (cfg.hidden_size, cfg.num_layers) == (1024, 28) else
         [128, 512] if name == "tiny" else [128])
     a.peers_for = lambda name: ([k for k in a.peers.split(",") if k and k != "none"] if a.peers is not None
@@ -632,20 +608,19 @@ def main(argv=None) -> int:
     device = nanofast.pick_device(args.device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-           "versions": versions(), "commit": git_commit(), "quick": args.quick, "plain": args.plain,
-           "tokens": args.tokens, "runs": args.runs, "peer_tokens": args.peer_tokens,
-           "peer_runs": args.peer_runs, "baseline": args.baseline, "fp8": args.fp8, "shapes": {}, "errors": ERRORS}
+           "versions": versions(), "commit": git_commit(), **{k: getattr(args, k) for k in (
+               "quick", "plain", "tokens", "runs", "peer_tokens", "peer_runs", "baseline", "fp8")},
+           "shapes": {}, "errors": ERRORS}
     print(f"bench: {out['device']}; {out['versions']}; commit {out['commit']}"
           + ("; QUICK: not for claims" if args.quick else ""), flush=True)
-    args.baseline_module = args.baseline and attempt("baseline import", import_baseline, args.baseline)
+    args.baseline_load = args.baseline and attempt("baseline import", import_baseline, args.baseline)
     try:
         for name in args.shapes:
             print(f"\n-- {name} --", flush=True)
             model_dir = args.model or attempt(f"{name} checkpoint", write_checkpoint,
                                               os.path.join(args.cache_dir, f"Qwen3-{name}"), name, device)
             if model_dir:
-                out["shapes"][name] = {}
-                attempt(f"{name}", bench_shape, name, model_dir, device, args, out["shapes"][name])
+                attempt(name, bench_shape, name, model_dir, device, args, out["shapes"].setdefault(name, {}))
             free(device)
         for name, r in out["shapes"].items():
             attempt(f"{name} table", print_table, name, r, args)
