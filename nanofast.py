@@ -19,9 +19,8 @@ hundreds of small launches from Python leaves the GPU idle most of the time. So:
 - everywhere else (CPU, or --plain on CUDA) the same model runs in plain torch, which
   is also the reference the fast path is tested against.
 
-The sections below follow the data: config, weights, tokenizer, KV cache, model,
-sampling, GPU kernels (embedding, GEMVs, attention, sampler), prefill on CUDA, fast
-decoder, engine, CLI.
+The sections follow the data: config, weights, tokenizer, KV cache, model, sampling, GPU
+kernels (embedding, GEMVs, attention, sampler), prefill on CUDA, fast decoder, engine, CLI.
 """
 from __future__ import annotations
 
@@ -59,7 +58,6 @@ class NanofastError(Exception):
 
 # -----------------------------------------------------------------------------
 # config
-
 
 FP8_BLOCK = 128  # fp8 weights carry one scale per FP8_BLOCK x FP8_BLOCK block
 FP8_FORMAT = dict(quant_method="fp8", fmt="e4m3", weight_block_size=[FP8_BLOCK, FP8_BLOCK], activation_scheme="dynamic")
@@ -101,36 +99,27 @@ def load_config(model_dir: str) -> Config:
     raw = _read_json(path)
     archs = raw.get("architectures") or ["Qwen3ForCausalLM"]
     if raw.get("model_type") != "qwen3" or "Qwen3ForCausalLM" not in archs:
-        raise NanofastError(
-            f"{path}: model_type {raw.get('model_type')!r} / architectures {archs} is not supported; "
-            "nanofast runs Qwen3 dense models (qwen3, Qwen3ForCausalLM)")
+        raise NanofastError(f"{path}: model_type {raw.get('model_type')!r} / architectures {archs} is not "
+                            "supported; nanofast runs Qwen3 dense models (qwen3, Qwen3ForCausalLM)")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise NanofastError(f"{path}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
     quant = raw.get("quantization_config")
     if quant is not None:  # only the format of Qwen's FP8 releases; anything else would load as noise
-        q = quant if isinstance(quant, dict) else {}
-        got = dict(quant_method=q.get("quant_method"), fmt=q.get("fmt", "e4m3"),
-                   weight_block_size=q.get("weight_block_size"), activation_scheme=q.get("activation_scheme", "dynamic"))
-        bad = {k: v for k, v in got.items() if v != FP8_FORMAT[k]}
+        got = dict(fmt="e4m3", activation_scheme="dynamic") | (quant if isinstance(quant, dict) else {})
+        bad = {k: got.get(k) for k in FP8_FORMAT if got.get(k) != FP8_FORMAT[k]}
         if bad:
             raise NanofastError(f"{path}: quantization_config with {bad} is not supported; nanofast reads "
                                 "fp8 (e4m3) weights with 128x128 block scales")
     try:
         heads = int(raw["num_attention_heads"])
-        cfg = Config(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads", heads)),
-            head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 1e6))),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            fp8=raw.get("quantization_config") is not None,
-        )
+        cfg = Config(vocab_size=int(raw["vocab_size"]), hidden_size=int(raw["hidden_size"]),
+                     intermediate_size=int(raw["intermediate_size"]), num_layers=int(raw["num_hidden_layers"]),
+                     num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads", heads)),
+                     head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
+                     rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                     rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 1e6))),
+                     tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), fp8=quant is not None)
     except KeyError as e:
         raise NanofastError(f"{path}: missing field {e}") from None
     except (TypeError, ValueError) as e:
@@ -152,13 +141,11 @@ def generation_defaults(model_dir: str) -> dict:
     sampling = g.get("do_sample", False)
     return dict(temperature=float(g.get("temperature", 1.0)) if sampling else 0.0,
                 top_k=int(g.get("top_k", 0) or 0) if sampling else 0,
-                top_p=float(g.get("top_p", 1.0)) if sampling else 1.0,
-                eos_ids=eos)
+                top_p=float(g.get("top_p", 1.0)) if sampling else 1.0, eos_ids=eos)
 
 
 # -----------------------------------------------------------------------------
 # weights
-
 
 @dataclass
 class Layer:
@@ -180,7 +167,7 @@ class Layer:
 @dataclass
 class Weights:
     embed: torch.Tensor  # (V, D)
-    layers: list
+    layers: list  # one Layer per decoder block
     norm: torch.Tensor  # (D,)
     lm_head: torch.Tensor  # (V, D); the same tensor as embed when tied
 
@@ -189,22 +176,13 @@ def checkpoint_shapes(cfg: Config) -> dict:
     """Every tensor of a released Qwen3 checkpoint, by name, with its shape."""
     D, I, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    layer = {"input_layernorm": (D,), "self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D),
+             "self_attn.v_proj": (kv, D), "self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,),
+             "self_attn.o_proj": (D, q), "post_attention_layernorm": (D,), "mlp.gate_proj": (I, D),
+             "mlp.up_proj": (I, D), "mlp.down_proj": (D, I)}
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (q, D),
-            p + "self_attn.k_proj.weight": (kv, D),
-            p + "self_attn.v_proj.weight": (kv, D),
-            p + "self_attn.q_norm.weight": (hd,),
-            p + "self_attn.k_norm.weight": (hd,),
-            p + "self_attn.o_proj.weight": (D, q),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "mlp.gate_proj.weight": (I, D),
-            p + "mlp.up_proj.weight": (I, D),
-            p + "mlp.down_proj.weight": (D, I),
-        })
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
     if cfg.fp8:  # each projection also stores the scales of its blocks
         shapes.update({n[:-6] + "weight_scale_inv": (-(-s[0] // FP8_BLOCK), -(-s[1] // FP8_BLOCK))
                        for n, s in shapes.items() if n.endswith("_proj.weight")})
@@ -248,23 +226,19 @@ def _checkpoint_files(model_dir: str) -> dict:
 
 def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quantize=False, keep_fp8=False,
                  progress=False) -> Weights:
-    """Load, check and fuse the weights, one tensor at a time (peak memory ~ one copy). The
-    projections of an fp8 checkpoint, or of any with quantize, stay fp8 with their block scales
-    if keep_fp8 (stacking needs rows in whole 128-blocks), else they are dequantized to dtype."""
+    """Load, check and fuse the weights, one tensor at a time (peak memory ~ one copy). The projections
+    of an fp8 checkpoint, or of any with quantize, stay fp8 with block scales if keep_fp8, else become dtype.
+    progress: count the layers on stderr."""
     from safetensors import safe_open
-
-    expected = checkpoint_shapes(cfg)
-    files = _checkpoint_files(model_dir)
+    expected, files = checkpoint_shapes(cfg), _checkpoint_files(model_dir)
     handles, where = {}, {}  # file -> open handle; tensor name -> handle
-    try:
-        for path in sorted(set(files.values())):
-            if not os.path.exists(path):
-                raise NanofastError(f"shard {os.path.basename(path)} listed in the index is missing")
+    for path in sorted(set(files.values())):
+        if not os.path.exists(path):
+            raise NanofastError(f"shard {os.path.basename(path)} listed in the index is missing")
+        try:
             handles[path] = safe_open(path, framework="pt", device=str(device))
-    except NanofastError:
-        raise
-    except Exception as e:  # safetensors reports truncation and corruption at open
-        raise NanofastError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        except Exception as e:  # safetensors reports truncation and corruption at open
+            raise NanofastError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     for path, h in handles.items():
         for name in h.keys():
             if None not in files and files.get(name) != path:
@@ -307,10 +281,8 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
             print(f"\r[nanofast] loading layer {i + 1} of {cfg.num_layers}", end="", file=sys.stderr, flush=True)
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        qkv, qkv_s = linear(a + "q_proj", a + "k_proj", a + "v_proj")
-        o, o_s = linear(a + "o_proj")
-        gate_up, gate_up_s = linear(m + "gate_proj", m + "up_proj")
-        down, down_s = linear(m + "down_proj")
+        (qkv, qkv_s), (o, o_s) = linear(a + "q_proj", a + "k_proj", a + "v_proj"), linear(a + "o_proj")
+        (gate_up, gate_up_s), (down, down_s) = linear(m + "gate_proj", m + "up_proj"), linear(m + "down_proj")
         layers.append(Layer(attn_norm=get(p + "input_layernorm.weight"), qkv=qkv, q_norm=get(a + "q_norm.weight"),
                             k_norm=get(a + "k_norm.weight"), o=o, mlp_norm=get(p + "post_attention_layernorm.weight"),
                             gate_up=gate_up, down=down, qkv_s=qkv_s, o_s=o_s, gate_up_s=gate_up_s, down_s=down_s))
@@ -324,13 +296,11 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
 # -----------------------------------------------------------------------------
 # tokenizer and chat template
 
-
 class Tokenizer:
     """tokenizer.json through the `tokenizers` library, plus Qwen3's chat template."""
 
     def __init__(self, model_dir: str):
         from tokenizers import Tokenizer as _Tokenizer
-
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(path):
             raise NanofastError(f"{path} not found")
@@ -373,10 +343,8 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back split UTF-8 characters.
-
-    Byte-level BPE can split one character over several tokens; decoding such a prefix
-    ends in U+FFFD. Pending tokens are kept until they decode to whole characters."""
+    """Turns token ids into text as they arrive, holding back split UTF-8 characters: byte-level
+    BPE can split one character over several tokens, and a prefix of them decodes to U+FFFD."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.pending = tokenizer, []
@@ -397,21 +365,16 @@ class StreamDecoder:
 # -----------------------------------------------------------------------------
 # KV cache
 
-
 class KVCache:
-    """Per layer, K and V of shape (num_pages, page_size, Hkv, hd), allocated once.
-
-    Pages are laid out in order (page table = arange), so token t of the sequence lives
-    at page t // page_size, slot t % page_size, and flat(layer) is a plain
-    (max_tokens, Hkv, hd) view. That is the layout FlashInfer's paged kernels take."""
+    """Per layer, K and V of shape (num_pages, page_size, Hkv, hd), allocated once. Pages are in order
+    (page table = arange), so token t lives at page t // page_size, slot t % page_size, and flat(layer)
+    is a plain (max_tokens, Hkv, hd) view. That is the layout FlashInfer's paged kernels take."""
 
     def __init__(self, cfg: Config, max_seq_len: int, page_size: int, dtype, device):
-        self.page_size = page_size
-        self.num_pages = -(-max_seq_len // page_size)
+        self.page_size, self.num_pages = page_size, -(-max_seq_len // page_size)
         shape = (cfg.num_layers, 2, self.num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
-        self.k = [self.data[i, 0] for i in range(cfg.num_layers)]
-        self.v = [self.data[i, 1] for i in range(cfg.num_layers)]
+        self.k, self.v = list(self.data[:, 0]), list(self.data[:, 1])  # per layer
         self.page_table = torch.arange(self.num_pages, dtype=torch.int32, device=device)
 
     def flat(self, layer: int):  # -> (max_tokens, Hkv, hd) views of K and V
@@ -421,7 +384,6 @@ class KVCache:
 
 # -----------------------------------------------------------------------------
 # model (plain torch: the CPU path, and the reference for the fast path)
-
 
 def rms_norm(x, w, eps):  # (..., n) -> (..., n); fp32 statistics, as transformers does
     x32 = x.float()
@@ -451,8 +413,7 @@ def plain_attention(q, k, v, pos):  # q (T, Hq, hd), k/v (pos+T, Hkv, hd) -> (T,
     return torch.einsum("hts,shd->thd", probs, v).reshape(T, -1)
 
 
-def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int,
-            attention=plain_attention, last_only=False):
+def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int, attention=plain_attention, last_only=False):
     """Run tokens ids (T,) at positions pos..pos+T-1, writing their K/V into the cache.
     Returns fp32 logits (T, V), or (1, V) for the last token only."""
     T, Hq, Hkv, hd, eps = ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -464,8 +425,7 @@ def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int,
         q = apply_rope(rms_norm(q.view(T, Hq, hd), L.q_norm, eps), cos, sin)
         k = apply_rope(rms_norm(k.view(T, Hkv, hd), L.k_norm, eps), cos, sin)
         k_cache, v_cache = cache.flat(i)
-        k_cache[pos:pos + T] = k
-        v_cache[pos:pos + T] = v.view(T, Hkv, hd)
+        k_cache[pos:pos + T], v_cache[pos:pos + T] = k, v.view(T, Hkv, hd)
         x = x + attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ dequantize(L.o, L.o_s, x.dtype).T
         gate, up = (rms_norm(x, L.mlp_norm, eps) @ dequantize(L.gate_up, L.gate_up_s, x.dtype).T).chunk(2, dim=-1)
         x = x + (F.silu(gate) * up) @ dequantize(L.down, L.down_s, x.dtype).T
@@ -477,11 +437,10 @@ def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int,
 # -----------------------------------------------------------------------------
 # sampling (plain torch)
 
-
 def sample(logits, temperature: float, top_k: int, top_p: float, generator=None) -> int:
-    """One token from fp32 logits (V,), with transformers' semantics: divide by the
-    temperature, keep the top_k highest scores (0 = all), then the smallest set whose
-    probability reaches top_p (1.0 = all). Temperature 0 is greedy."""
+    """One token from fp32 logits (V,), with transformers' semantics: divide by the temperature, keep
+    the top_k highest scores (0 = all), then the smallest set whose probability reaches top_p (1.0 =
+    all). Temperature 0 is greedy."""
     if temperature <= 0:
         return int(torch.argmax(logits))
     scores = logits.detach().float().cpu() / temperature
@@ -501,10 +460,9 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 # -----------------------------------------------------------------------------
 # GPU kernels (Triton)
 #
-# The kernels of one decode step at batch size 1. Each wrapper is CUDA-graph capturable:
-# it derives grids and constexprs from static shapes, allocates nothing and never reads a
-# device value on the host; per-token values (the position) are read inside the kernels.
-# The residual stream h is fp32; projections produce the weights' dtype.
+# The kernels of one decode step at batch size 1. Each wrapper is CUDA-graph capturable: it
+# derives grids and constexprs from static shapes, allocates nothing and never reads a device
+# value on the host (per-token values, such as the position, are read inside the kernels).
 #
 # PDL (programmatic dependent launch, sm_90+): with use_pdl a kernel may start while the
 # previous one is still running. It calls gdc_wait() before touching anything an earlier
@@ -552,12 +510,11 @@ def embed(tok, E, h, use_pdl=False):
 
 # --- GEMV building blocks
 #
-# A GEMV at batch size 1 is pure weight streaming. N and K are constexpr: each weight
-# shape compiles once, and when the blocks divide the shape evenly (all Qwen3 shapes) the
-# loads carry no masks. The K loop is software-pipelined by hand: tile i+1 is loaded
-# before tile i is used, so every thread keeps two tiles of 16-byte loads in flight; the
-# last tile is peeled off so the prefetch never runs past the program's K range. The
-# accumulator stays [BLOCK_N, BLOCK_K] and is reduced over K once, at the end.
+# A GEMV at batch size 1 is pure weight streaming. N and K are constexpr: each weight shape
+# compiles once, and when the blocks divide the shape evenly (all Qwen3 shapes) the loads carry
+# no masks. The K loop is software-pipelined by hand: tile i+1 is loaded before tile i is used,
+# so every thread keeps two tiles of 16-byte loads in flight; the last tile is peeled off so the
+# prefetch stays in the program's K range. The accumulator stays [BLOCK_N, BLOCK_K] until the end.
 
 @triton.jit
 def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -619,8 +576,7 @@ def _acc(acc, w, a, s_ptr, row0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexp
 @triton.jit
 def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
              EVEN_K: tl.constexpr):
-    # x * norm_w for columns kk (as a weight-shaped tile) and x^2 (1-D, summed after
-    # the K loop into rsqrt(mean(x^2) + eps))
+    # x * norm_w for columns kk (as a weight-shaped tile) and x^2 (1-D, summed after the K loop)
     xn = (_load_bcast(x_ptr, kk, BLOCK_N, BLOCK_K, K, EVEN_K) *
           _load_bcast(nw_ptr, kk, BLOCK_N, BLOCK_K, K, EVEN_K))
     x = _load_vec(x_ptr + kk, kk, K, EVEN_K)
@@ -629,7 +585,6 @@ def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K:
 
 def gemv_config(N, K, split_k=False, fp8=False):
     """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] bf16 (or fp8) GEMV, launched with 4 warps.
-
     An H100 needs roughly 16-32 KB of loads in flight per SM to saturate HBM, and matrices
     range from ~4 MB (0.6B o_proj) to ~100 MB (8B gate_up), so:
       * BLOCK_K = 512: a warp reads 256 contiguous bf16 of a row, 16 bytes per thread
@@ -638,20 +593,18 @@ def gemv_config(N, K, split_k=False, fp8=False):
         every SM busy (16 rows measured slower, lm_head included);
       * small-N matrices (o_proj, down_proj: N = D) instead split K into up to 8 ranges
         of 256-wide tiles, whose programs add atomically into h.
-    Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for
-    rmsnorm_gemv_silu, which holds two tiles): beyond that the tile, its prefetch and the
-    fp32 accumulator spill registers on sm_90."""
+    Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for rmsnorm_gemv_silu,
+    which holds two tiles): beyond that the tile, its prefetch and the fp32 accumulator spill on sm_90."""
     if fp8:  # whole 128-column groups, up to 16K weights per tile (an H200 sweep's best)
         BLOCK_K = min(2048, max(128, triton.next_power_of_2(K)))
         if split_k:  # 1024-wide tiles, split while there are fewer than 3 programs per SM
             BLOCK_K = min(BLOCK_K, 1024)
             return 8, BLOCK_K, min(triton.cdiv(K, BLOCK_K), max(2, triton.cdiv(3 * num_sms(), triton.cdiv(N, 8))))
         return max(1, min(16, 16384 // BLOCK_K)), BLOCK_K, 1
-    else:
-        BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
-        if split_k:
-            BLOCK_K = min(BLOCK_K, 256)
-            return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
+    BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
+    if split_k:
+        BLOCK_K = min(BLOCK_K, 256)
+        return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
     return (8 if triton.cdiv(N, 8) >= 3 * num_sms() else 4), BLOCK_K, 1
 
 
@@ -687,8 +640,7 @@ def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
 
 
 def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x fp32[K], norm_w [K], W [N, K] (fp8 with block scales, or as out), out [N] (bf16/fp16 for
-    qkv, fp32 for logits)"""
+    """x fp32[K], norm_w [K], W [N, K] (fp8 with block scales, or as out), out [N] (qkv: bf16/fp16, logits: fp32)"""
     N, K = W.shape
     bn, bk, _ = gemv_config(N, K, fp8=scale is not None)
     BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
@@ -753,10 +705,9 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK
 
 
 # --- 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
-# N = D is small and K is large, so K is split into SPLIT_K ranges of KS columns (a
-# multiple of BLOCK_K); program (i, j) adds its partial sums into h with a relaxed fp32
-# atomic. The kernel boundary orders these adds before any reader. Addition order varies,
-# so the last bits of h vary run to run.
+# N = D is small and K is large, so K is split into SPLIT_K ranges of KS columns (a multiple of
+# BLOCK_K); program (i, j) adds its partial sums into h with a relaxed fp32 atomic. The kernel
+# boundary orders these adds before any reader. Addition order varies, so h's last bits do too.
 
 @triton.jit
 def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
@@ -802,19 +753,16 @@ def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_
 
 # --- 5. decode attention: q/k RMSNorm + RoPE + KV-cache append, then split-KV attention
 #
-# grid = (Hkv, NSPLIT). Program (h, s) serves all G = Hq/Hkv query heads of kv head h (so
-# K/V are read once) over rows [s*chunk, (s+1)*chunk) of 0..L-1, L = pos + 1. The G query
-# rows are padded to BLOCK_G >= 16 so both products use tl.dot (tensor cores; the padding
-# is free in a bandwidth-bound kernel). chunk = cdiv(L, NSPLIT) rounded up to BLOCK_S, and
-# only the first n_active = cdiv(L, chunk) programs have rows. A split has a fixed cost
-# (partials to scratch, an atomic, a merge), so up to SINGLE_MAX tokens one program per kv
-# head does everything and writes the output itself.
+# grid = (Hkv, NSPLIT). Program (h, s) serves all G = Hq/Hkv query heads of kv head h (so K/V
+# are read once) over the s-th chunk of rows 0..pos, its G query rows padded to BLOCK_G >= 16 so
+# both products use tl.dot (tensor cores; the padding is free in a bandwidth-bound kernel). A
+# split has a fixed cost (partials to scratch, an atomic, a merge), so up to SINGLE_MAX tokens
+# one program per kv head does everything and writes the output itself.
 #
-# q is normed and rotated here from the qkv GEMV's output. The program whose rows include
-# pos (the last active split) also writes the new token's k and v into cache row pos, then
-# runs a CTA barrier (bar.sync makes a CTA's global stores visible to its threads) before
-# reading that row back. No other program reads row pos, and the next token's kernel is
-# ordered after this one, so nothing else can race.
+# The program whose rows include pos (the last active split) also writes the new token's k and
+# v into cache row pos, then runs a CTA barrier (bar.sync makes a CTA's global stores visible to
+# its threads) before reading that row back. No other program reads row pos, and the next
+# token's kernel is ordered after this one, so nothing else can race.
 #
 # Merge in the same launch: each active program writes its partial (m, l, acc) to scratch,
 # runs a CTA barrier, then one thread bumps counter[h] with acq_rel at gpu scope (release is
@@ -825,16 +773,14 @@ def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_
 # The cache rows before pos come from earlier replays, so the first K/V tile is loaded
 # before the PDL wait; the next kernel may launch only after the main loop (earlier, its
 # waiting programs took SM slots from the streaming ones). num_stages=4 keeps three K/V
-# tiles in flight while one is used. The README's table has the measurements.
+# tiles in flight while one is used.
 
 @triton.jit
 def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl.constexpr):
-    """RMSNorm(x) * w, then RoPE at pos, for heads x[rows[i]*HD : (rows[i]+1)*HD].
-    rows [R, 1], d [1, HD]; returns fp32 [R, HD].
-    RoPE (rotate_half form) pairs element d with d +/- HD/2:
+    """RMSNorm(x) * w, then RoPE at pos, for heads rows [R, 1] of x, elements d [1, HD] -> fp32 [R, HD].
+    RoPE (rotate_half form) pairs element d with d +/- HD/2, so x's partner (halves swapped) is loaded too:
         y[d] = x[d] * cos[d % HD/2] - x[d + HD/2] * sin[..]   for d <  HD/2
-        y[d] = x[d] * cos[d % HD/2] + x[d - HD/2] * sin[..]   for d >= HD/2
-    so besides x we load its partner vector (the two halves swapped)."""
+        y[d] = x[d] * cos[d % HD/2] + x[d - HD/2] * sin[..]   for d >= HD/2"""
     HALF: tl.constexpr = HD // 2
     pair = (d + HALF) % HD                                             # partner index of d
     x = tl.load(x_ptr + rows * HD + d, mask=row_ok, other=0.0).to(tl.float32)
@@ -965,8 +911,7 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
                      BLOCK_S=64, single_max=256, use_pdl=False):
     """qkv [(Hq+2Hkv)*hd] (the qkv GEMV's output), q/k_norm_w [hd], cos/sin fp32 [max_pos, hd/2],
     pos int32[1], k_cache/v_cache [S, Hkv, hd], out [Hq*hd], scratch from make_attention_scratch.
-    Writes k/v cache row pos, then attends rows 0..pos. Up to single_max tokens one program
-    per kv head does it all."""
+    Writes k/v cache row pos, then attends rows 0..pos."""
     Hkv, hd = k_cache.shape[1], k_cache.shape[2]
     Hq = out.numel() // hd
     m_s, l_s, acc_s, cnt = scratch
@@ -983,36 +928,31 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
 
 # --- 6. the sampler, inside the graph
 #
-# Sampler.sample() launches the same 7 kernels on every call, each on one grid of
-# cdiv(V, BLOCK) programs (program pid owns logits [pid*BLOCK, (pid+1)*BLOCK)): a first
-# pass (argmax, max, the first top-k digit), two more top-k digits, three top-p digits,
-# and a Gumbel draw that writes tok, ring, pos and step. The settings live in device
-# memory; kernels they do not need return right after reading them.
+# Sampler.sample() makes the same 7 launches on every call, each over cdiv(V, BLOCK) programs:
+# a first pass (argmax, max, the first top-k digit), two more top-k digits, three top-p digits
+# and a Gumbel draw that writes tok, ring, pos and step. The settings live in device memory; a
+# kernel they turn off returns at once. The semantics are sample()'s (transformers'): top-k
+# keeps ties with the k-th score; top-p, on the softmax over the top-k survivors, keeps a token
+# iff the mass of the tokens scored strictly higher is < top_p.
 #
-# Semantics are transformers': scores = logits / temperature; top-k keeps scores >= the
-# k-th largest (ties kept); top-p, on the softmax over the top-k survivors, keeps a token
-# iff the mass of the tokens scored strictly higher is < top_p; then a draw from the rest.
-#
-# * Keys. key(s) is the order-preserving uint32 image of the fp32 score (negative: flip
-#   all bits; positive: flip the sign bit; -0.0 counts as +0.0), so each filter becomes a
+# * Keys. key(s) is the order-preserving uint32 image of the fp32 score (negative: flip all
+#   bits; positive: flip the sign bit; -0.0 counts as +0.0), so each filter becomes a
 #   threshold on the key: allowed = {i : key_i >= threshold}, ties included.
-# * Radix select. The threshold is found digit by digit, most significant first. Each
-#   pass histograms the elements whose higher bits equal the prefix found so far (counts
-#   for top-k, mass exp(s - s_max) for top-p); the program that finishes last (see
-#   _is_last_program) finds the bin that holds the k-th element, or where the mass
-#   reaches top_p * Z_k, extends the prefix, and zeroes the bins and its counter.
+# * Radix select. The threshold is found digit by digit, most significant first. Each pass
+#   histograms the elements whose higher bits equal the prefix found so far (counts for top-k,
+#   mass exp(s - s_max) for top-p); the last program to finish finds the bin holding the k-th
+#   element, or where the mass reaches top_p * Z_k, extends the prefix and resets bins and counter.
 # * Top-p candidates. Token i cannot survive top-p if n * w_i <= (1 - top_p) * Z_k, with
-#   w_i = exp(s_i - s_max) and n the size of the top-k set: the tokens at or below it hold
-#   at most that mass. Leaving them out of the histograms cannot move the threshold, and
-#   for real logits only a few hundred remain. Z_k >= 1 with top-k on (the max is in the
-#   set), Z_k = Z (summed in the first pass) without; half that floor covers rounding.
+#   w_i = exp(s_i - s_max) and n the size of the top-k set: the tokens at or below it hold at
+#   most that mass. Leaving them out of the histograms cannot move the threshold, and for real
+#   logits only a few hundred remain. Z_k >= 1 with top-k on (the max is in the set), Z_k = Z
+#   (summed in the first pass) without; half that floor covers rounding.
 # * Gumbel-max. argmax_i (s_i + g_i), g_i = -log(-log(u_i)), is an exact sample of the
 #   softmax over the set the argmax runs over; u_i = Philox(key seed, counter (step, i)).
 
-# Radix digits (shift, bits), 8 + 12 + 12 = 32 key bits. Every element takes part in the
-# first top-k digit, so it is narrow (256 bins) and reduced inside each program with
-# tl.histogram; later passes see only the elements that share the prefix (usually a few),
-# so wide digits with direct atomics keep the passes at 3.
+# Radix digits (shift, bits), 8 + 12 + 12 = 32 key bits. The first top-k digit sees every element,
+# so it is narrow (256 bins) and reduced in each program with tl.histogram; later passes see only
+# the elements sharing the prefix (usually a few), so wide digits with direct atomics keep them at 3.
 DIGITS = ((24, 8), (12, 12), (0, 12))
 MAX_BINS = 1 << 12
 
@@ -1067,11 +1007,9 @@ def _digit(key, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _add_to_bins(bins_ptr, digit, val, mask, NBINS: tl.constexpr):
-    """bins[digit] += val for the masked elements of this block, with atomics.
-
-    Atomics on one address serialise in L2, and ties or flat tails put many elements in one bin.
-    So this block's lowest and highest bins are summed here and sent as one atomic each.
-    """
+    """bins[digit] += val for the masked elements of this block, with atomics. Atomics on one
+    address serialise in L2, and ties or flat tails crowd one bin, so the block's lowest and
+    highest bins are summed here and sent as one atomic each."""
     lo = tl.min(tl.where(mask, digit, NBINS), axis=0)
     hi = tl.max(tl.where(mask, digit, -1), axis=0)
     lo_sum = tl.sum(tl.where(mask & (digit == lo), val, 0), axis=0)
@@ -1084,11 +1022,8 @@ def _add_to_bins(bins_ptr, digit, val, mask, NBINS: tl.constexpr):
 
 @triton.jit
 def _is_last_program(counter_ptr):
-    """Take a ticket; True in the program that finishes last.
-
-    The barrier makes every thread's stores and atomics precede the ticket, which is taken with
-    release semantics; the acquire half makes the last program see every other program's.
-    """
+    """Take a ticket; True in the program that finishes last. The barrier orders every thread's
+    stores and atomics before the ticket (release); the acquire half lets the last program see them all."""
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     return ticket == tl.num_programs(0) - 1
@@ -1096,12 +1031,9 @@ def _is_last_program(counter_ptr):
 
 @triton.jit
 def _scan_bins(bins_ptr, NBINS: tl.constexpr, above, target):
-    """Find the highest digit d with above + sum(bins[d:]) >= target, then zero the bins.
-
-    Returns (d, above + sum(bins[d+1:]), bins[d]). If rounding in the mass sums left the target
-    unreached, falls back to the lowest non-empty bin (keeps more tokens rather than none).
-    Called by the last program only; volatile loads bypass L1 so no stale line is read.
-    """
+    """Find the highest digit d with above + sum(bins[d:]) >= target, then zero the bins; returns
+    (d, above + sum(bins[d+1:]), bins[d]). If rounding left the target unreached, the lowest non-empty
+    bin (more tokens, not none). Last program only; volatile loads bypass L1, so none is stale."""
     j = tl.arange(0, NBINS)                                   # j = NBINS-1-d: top bin first
     vals = tl.load(bins_ptr + (NBINS - 1 - j), volatile=True)
     reached = (above + tl.cumsum(vals, axis=0)) >= target     # above + sum(bins[NBINS-1-j:])
@@ -1321,8 +1253,7 @@ class Sampler:
         self.step.zero_()
 
     def sample(self, logits, use_pdl=False):
-        """One token from fp32 logits ([V] or [1, V], contiguous) into tok; then
-        ring[step % R] = tok, pos += 1, step += 1. Always the same 7 launches."""
+        """One token from fp32 logits [V] or [1, V] (contiguous) into tok; ring[step % R] = tok, pos += 1, step += 1."""
         logits = logits.reshape(-1)
         assert logits.numel() == self.vocab and logits.is_contiguous()
         grid, V = (self.num_programs,), self.vocab
@@ -1349,7 +1280,6 @@ class Sampler:
 # replace the ~50 small torch ops per layer around them (RMSNorm, residual add, q/k norm,
 # RoPE, cache write, SiLU), which cost more in launches than in work. Each repeats the
 # roundings of the plain-torch code it replaces, so prefill computes what forward() does.
-
 
 @triton.jit
 def _rnd(x, DT: tl.constexpr):  # round fp32 x to dtype DT and back, as a torch op in DT would
@@ -1453,7 +1383,6 @@ def qk_norm_rope_rows(qkv, q_norm_w, k_norm_w, cos, sin, pos: int, q_out, k_cach
 
 def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for prefill on CUDA
     import flashinfer
-
     # with more keys than queries FlashInfer aligns the causal mask bottom-right: query t
     # (position pos + t) sees keys 0..pos+t, so later prefill chunks attend to earlier ones
     return flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True).reshape(q.shape[0], -1)
@@ -1487,7 +1416,6 @@ def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int
 # -----------------------------------------------------------------------------
 # fast decoder: buffers, the CUDA graph, the replay loop
 
-
 class FastDecoder:
     """The CUDA path: every buffer the decode step touches, allocated once, and the graph
     that runs the whole step. The engine owns the weights, the KV cache and RoPE tables."""
@@ -1501,9 +1429,7 @@ class FastDecoder:
         D, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
         Hq, Hkv = cfg.num_heads, cfg.num_kv_heads
         self.engine, self.prefill_chunk = engine, prefill_chunk
-        # programmatic dependent launch lets each kernel start streaming weights while the
-        # previous one finishes; Hopper and newer only
-        if pdl is None:
+        if pdl is None:  # PDL (see "GPU kernels") needs Hopper or newer
             pdl = dev.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(dev) >= (9, 0)
         self.pdl = pdl
 
@@ -1515,18 +1441,15 @@ class FastDecoder:
         self.logits = torch.empty(V, dtype=torch.float32, device=dev)  # lm_head output
         nsplit = max(1, triton.cdiv(2 * num_sms(), Hkv))  # about 2 attention programs per SM
         self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, nsplit, dev)  # split-KV partials
-        # settings, outputs (tok: the next step's input, pos: its position) and scratch
-        self.sampler = Sampler(V, self.RING, dev)
+        self.sampler = Sampler(V, self.RING, dev)  # tok: the next step's input, pos: its position
         if not capture:  # tests drive run_step by hand (on the CPU, through Triton's interpreter)
             return
-        # host side of the read-back: pinned copy of the ring, and events marking each copy
-        self.host_ring = torch.zeros(self.RING, dtype=torch.int32, pin_memory=True)
-        self.events = [torch.cuda.Event() for _ in range(self.AHEAD // self.READ_EVERY + 2)]
+        self.host_ring = torch.zeros(self.RING, dtype=torch.int32, pin_memory=True)  # host copy of the ring
+        self.events = [torch.cuda.Event() for _ in range(self.AHEAD // self.READ_EVERY + 2)]  # one per copy in flight
 
         # prefill one full chunk now: compiles FlashInfer's kernel and lets the allocator
         # reserve the chunk's activations, so later prefills allocate nothing new
-        warm = min(prefill_chunk, engine.max_seq_len - 1)
-        self.prefill([0] * warm)
+        self.prefill([0] * min(prefill_chunk, engine.max_seq_len - 1))
         self.graph = self.capture()
         engine.reset()
 
@@ -1635,11 +1558,10 @@ def pick_device(name: str | None) -> torch.device:
         raise NanofastError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise NanofastError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise NanofastError("CUDA is not available on this machine; use --device cpu")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise NanofastError(f"no such GPU: {name} ({torch.cuda.device_count()} visible)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanofastError("CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise NanofastError(f"no such GPU: {name} ({torch.cuda.device_count()} visible)")
     return device
 
 
@@ -1666,15 +1588,13 @@ class Engine:
     def __init__(self, model_dir: str, device=None, dtype=None, max_seq_len: int = 4096,
                  page_size: int = 16, fast: bool | None = None, quantize: str | None = None, verbose: bool = True):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
-        if isinstance(dtype, str):
-            dtype = DTYPES[dtype]
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if max_seq_len < 2:
             raise NanofastError(f"max_seq_len must be at least 2, got {max_seq_len}")
         if quantize not in (None, "fp8"):
             raise NanofastError(f"cannot quantize to {quantize!r}; nanofast quantizes to fp8")
         self.cfg = c = load_config(model_dir)
-        self.max_seq_len = max_seq_len
         self.fp8 = c.fp8 or quantize == "fp8"  # the projections are fp8 values
         self.weight_format = "fp8" if self.fp8 else str(self.dtype).replace("torch.", "")
         # fp8 stays fp8 on CUDA; its kernels stack matrices, so rows come in whole 128-blocks
@@ -1684,9 +1604,8 @@ class Engine:
                                     progress=verbose and sys.stderr.isatty())
         self.cache = KVCache(self.cfg, max_seq_len, page_size, self.dtype, self.device)
         self.rope = rope_tables(self.cfg, max_seq_len, self.device)
-        self.cached = []  # the tokens whose K/V the cache holds (rows 0..): a prompt that starts with them reuses them
-        self.stop_reason, self.stats = None, {}
-        self.verbose, self.decoder = verbose, None
+        self.cached, self.stop_reason, self.stats = [], None, {}  # cached: the tokens whose K/V the cache holds
+        self.max_seq_len, self.verbose, self.decoder = max_seq_len, verbose, None
         if self.device.type == "cuda" and fast is not False:
             self._start_fast()
 
@@ -1699,12 +1618,9 @@ class Engine:
             print(f"[nanofast] {message}", file=sys.stderr)
 
     def _start_fast(self):
-        why = None
-        if not HAVE_TRITON:
-            why = "Triton is not installed"
-        elif self.dtype == torch.float32:
-            why = "the fast path runs bfloat16 or float16 weights"
-        else:
+        why = ("Triton is not installed" if not HAVE_TRITON else
+               "the fast path runs bfloat16 or float16 weights" if self.dtype == torch.float32 else None)
+        if why is None:
             try:
                 import flashinfer  # noqa: F401
             except Exception:
@@ -1729,9 +1645,7 @@ class Engine:
                   f"captured in {time.perf_counter() - t0:.1f} s; GPU memory in use "
                   f"{torch.cuda.memory_reserved(self.device) / gib:.2f} GiB")
 
-    # plain path: forward / reset / prefill / step
-
-    def forward(self, ids, pos: int, last_only: bool = False):
+    def forward(self, ids, pos: int, last_only: bool = False):  # plain path -> fp32 logits (T, V) or (1, V)
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         if pos + ids.shape[0] > self.max_seq_len:
             raise NanofastError(f"{pos + ids.shape[0]} tokens do not fit max_seq_len {self.max_seq_len}")
@@ -1763,16 +1677,13 @@ class Engine:
         self.cached.append(token)
         return self.decoder.step(token)
 
-    # generation
-
     def generate(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_ids=()):
-        """Yield new token ids. Stops at a stop id (which is yielded), after
-        max_new_tokens, or when prompt plus output fill max_seq_len. Afterwards
-        self.stop_reason says which ("eos", "max_new_tokens", "cache_full", or
-        "interrupted" if the caller stopped early) and self.stats has the timings.
-        The prompt's leading tokens that the cache already holds (the conversation so far,
-        say) are not run again: only the rest is prefilled."""
+        """Yield new token ids. Stops at a stop id (which is yielded), after max_new_tokens, or when prompt
+        plus output fill max_seq_len. Afterwards self.stop_reason says which ("eos", "max_new_tokens",
+        "cache_full", or "interrupted" if the caller stopped early) and self.stats has the timings.
+        The prompt's leading tokens that the cache already holds (the conversation so far, say) are
+        not run again: only the rest is prefilled."""
         P, prompt_ids = len(prompt_ids), list(prompt_ids)
         check_prompt(P, self.max_seq_len)
         if max_new_tokens < 1:
@@ -1805,8 +1716,7 @@ class Engine:
             self.stats = dict(weights=self.weight_format, prompt_tokens=P, reused_tokens=start,
                               prefilled_tokens=P - start, generated_tokens=n,
                               ttft_s=(t_first - t0) if t_first else None,
-                              decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 else None,
-                              total_s=t_end - t0)
+                              decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 else None, total_s=t_end - t0)
 
     def _plain_tokens(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
         generator = torch.Generator().manual_seed(seed)
@@ -1860,7 +1770,6 @@ class Chat:
 
 # -----------------------------------------------------------------------------
 # CLI
-
 
 class _ArgParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
@@ -1950,7 +1859,6 @@ def run(args) -> int:
         download_default(args.model)
     load_config(args.model)  # a bad folder fails here, before the tokenizer
     tokenizer = Tokenizer(args.model)
-    defaults = tokenizer.generation
     if not args.chat:
         text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
         prompt_ids = tokenizer.encode(text)
@@ -1961,28 +1869,26 @@ def run(args) -> int:
     print(f"[nanofast] loaded {args.model} on {device} ({engine.weight_format} weights, "
           f"{str(engine.dtype).replace('torch.', '')} activations, "
           f"{'CUDA graph' if engine.fast else 'plain torch'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-    sampling = dict(temperature=pick(args.temperature, "temperature"), top_k=pick(args.top_k, "top_k"),
-                    top_p=pick(args.top_p, "top_p"), seed=args.seed)
+    defaults = tokenizer.generation  # generation_config.json, for the sampling options not given
+    sampling = {k: defaults[k] if vars(args)[k] is None else vars(args)[k] for k in ("temperature", "top_k", "top_p")}
     if args.chat:
-        return chat_loop(Chat(engine, tokenizer, args.system, not args.no_think, args.max_new_tokens, **sampling),
-                         prompt)
-    generation = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens,
+        return chat_loop(Chat(engine, tokenizer, args.system, not args.no_think, args.max_new_tokens, seed=args.seed,
+                              **sampling), prompt)
+    generation = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                  stop_ids=() if args.ignore_eos else defaults["eos_ids"], **sampling)
     stream, out_ids = StreamDecoder(tokenizer), []
     try:
         for token in generation:
             out_ids.append(token)
             if not args.json:
-                sys.stdout.write(stream.push(token))
-                sys.stdout.flush()
+                print(stream.push(token), end="", flush=True)
     except KeyboardInterrupt:
         generation.close()
     if args.json:
         print(json.dumps(dict(prompt_ids=prompt_ids, generated_ids=out_ids, text=tokenizer.decode(out_ids),
                               stop_reason=engine.stop_reason, timings=engine.stats), ensure_ascii=False))
     else:
-        sys.stdout.write(stream.flush() + "\n")
+        print(stream.flush())
     print_stats(engine)
     return 130 if engine.stop_reason == "interrupted" else 0
 
