@@ -1693,12 +1693,11 @@ class Engine:
         start = self.reusable(prompt_ids)
         source = (self.decoder.tokens if self.fast else self._plain_tokens)(
             prompt_ids, start, limit, temperature, top_k, top_p, seed)
-        stop, out, n, t_first = set(stop_ids), [], 0, None
+        stop, out, t_first = set(stop_ids), [], None
         self.stop_reason, self.stats, self.cached = None, {}, prompt_ids[:start]
         t0 = time.perf_counter()
         try:
             for token in source:
-                n += 1
                 out.append(token)
                 t_first = t_first or time.perf_counter()
                 yield token
@@ -1706,12 +1705,12 @@ class Engine:
                     self.stop_reason = "eos"
                     break
             else:
-                self.stop_reason = "max_new_tokens" if n >= max_new_tokens else "cache_full"
+                self.stop_reason = "max_new_tokens" if len(out) >= max_new_tokens else "cache_full"
         finally:
             source.close()
             if out:  # every token but the last went through the model
                 self.cached = prompt_ids + out[:-1]
-            t_end = time.perf_counter()
+            t_end, n = time.perf_counter(), len(out)
             self.stop_reason = self.stop_reason or "interrupted"
             self.stats = dict(weights=self.weight_format, prompt_tokens=P, reused_tokens=start,
                               prefilled_tokens=P - start, generated_tokens=n,
