@@ -1912,7 +1912,9 @@ def chat_loop(chat: Chat, first: str | None = None) -> int:
     while True:
         try:
             line = first if first is not None else input("> " if sys.stdin.isatty() else "")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt
+            if sys.stdin.isatty():
+                print()  # ends the prompt's line
             return 0
         first, (command, _, arg) = None, line.strip().partition(" ")
         if command == "/exit":
