@@ -1502,9 +1502,10 @@ class FastDecoder:
             self.sampler.step.zero_()
             self.sampler.sample(self.logits)
 
-    def step(self, token: int):
-        """Teacher-forced step (tests, engine.step): feed token, replay, return the logits."""
+    def step(self, token: int, pos: int):
+        """Teacher-forced step (tests, engine.step): feed token at pos, replay, return the logits."""
         self.sampler.tok.fill_(token)
+        self.sampler.pos.fill_(pos)  # a generation that stopped early leaves the graph's position ahead
         self.graph.replay()
         return self.logits.clone()
 
@@ -1675,7 +1676,7 @@ class Engine:
         if not self.fast:
             return self.forward([token], len(self.cached))[0]
         self.cached.append(token)
-        return self.decoder.step(token)
+        return self.decoder.step(token, len(self.cached) - 1)
 
     def generate(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_ids=()):

@@ -1904,6 +1904,9 @@ def test_fast_eos_overshoot_is_dropped(tiny_fast):
     assert j >= 3, "degenerate test model"
     out = list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0, stop_ids=[full[j]]))
     assert out == full[:j + 1] and tiny_fast.stop_reason == "eos"
+    # a step after it continues at the right position, though the graph ran ahead
+    stepped = tiny_fast.step(out[-1])
+    assert rel_err(stepped, tiny_fast.forward(prompt + out, 0)[-1]) <= BF16_RTOL
     assert list(tiny_fast.generate(prompt, max_new_tokens=50, temperature=0.0)) == full
 
 
