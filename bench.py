@@ -223,8 +223,7 @@ def random_prompt(n: int, vocab: int, seed: int = 0) -> list:
 
 
 def nf_stats(engine, prompt, n, **sampling):
-    if hasattr(engine, "reset"):  # measure a whole prefill: no prefix left in the cache from the last run
-        engine.reset()
+    engine.reset()  # measure a whole prefill: no prefix left in the cache from the last run
     out = list(engine.generate(prompt, max_new_tokens=n, stop_ids=(), seed=0, **sampling))
     if len(out) != n:
         raise RuntimeError(f"generated {len(out)} tokens, expected {n} (stop: {engine.stop_reason})")
@@ -259,8 +258,8 @@ def import_baseline(path: str):
 
 def load_fp8(model_dir, **kw):
     engine = nanofast.load(model_dir, quantize="fp8", **kw)
-    # Engine passes unknown options on to the fast path only, so off it (CPU, --plain) an engine
-    # without fp8 support would load bf16 without complaint and be measured as fp8.
+    # On the CPU (or with sizes not in whole 128-blocks) the projections are dequantized at load:
+    # such an engine computes in bf16/fp32 and must not be reported as fp8.
     layer = vars(engine.weights.layers[0]).values()
     if not any(getattr(t, "dtype", None) == torch.float8_e4m3fn for t in layer):
         raise RuntimeError('load(quantize="fp8") returned an engine with no float8_e4m3fn layer weight')

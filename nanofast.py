@@ -320,14 +320,14 @@ class Tokenizer:
     @staticmethod
     def chat(prompt: str, system: str | None = None, think: bool = True) -> str:
         """Qwen3's chat template for one user turn (and a system prompt), with the generation prompt."""
-        system = [dict(role="system", content=system)] if system is not None else []
-        return Tokenizer.template(system + [dict(role="user", content=prompt)], think)
+        return Tokenizer.template([dict(role="user", content=prompt)], think, system)
 
     @staticmethod
-    def template(messages, think: bool = True) -> str:
-        """Qwen3's released chat template (without tools) for [{"role", "content"}, ...], with the
-        generation prompt. As released, an assistant turn before the last user turn keeps only
-        its answer: its <think> block is dropped from the history."""
+    def template(messages, think: bool = True, system: str | None = None) -> str:
+        """Qwen3's released chat template (without tools) for [{"role", "content"}, ...], after a
+        system prompt if given, with the generation prompt. As released, an assistant turn before
+        the last user turn keeps only its answer: its <think> block is dropped from the history."""
+        messages = ([dict(role="system", content=system)] if system is not None else []) + list(messages)
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
         text, nl = "", "\n"
         for i, m in enumerate(messages):
@@ -1752,9 +1752,8 @@ class Chat:
     def send(self, text: str):
         """Yield the answer as text. A too long conversation raises NanofastError and is left as it
         was; an answer the caller stops (Ctrl-C) stays in the history as far as it got."""
-        system = [dict(role="system", content=self.system)] if self.system is not None else []
         messages = self.messages + [dict(role="user", content=text)]
-        ids = self.tokenizer.encode(Tokenizer.template(system + messages, self.think))
+        ids = self.tokenizer.encode(Tokenizer.template(messages, self.think, self.system))
         tokens = self.engine.generate(ids, self.max_new_tokens, stop_ids=self.tokenizer.eos_ids, **self.sampling)
         stream, out = StreamDecoder(self.tokenizer), []
         try:
@@ -1923,7 +1922,8 @@ def chat_loop(chat: Chat, first: str | None = None) -> int:
         elif command == "/reset":
             chat.reset()
         elif command == "/system":  # a new system prompt starts a new conversation
-            chat.system, chat.messages = arg or None, []
+            chat.system = arg or None
+            chat.reset()
         elif command == "/think" and arg in ("on", "off"):
             chat.think = arg == "on"
         elif command == "/stats":
