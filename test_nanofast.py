@@ -1512,16 +1512,18 @@ def test_kernel_gemv_add(kseed, SK):
 
 
 @requires_triton
-@pytest.mark.parametrize("N,K,BN,BK,SK", [(256, 384, None, None, None), (200, 300, 4, 128, 2)],
-                         ids=["default", "ragged"])
+@pytest.mark.parametrize("N,K,BN,BK,SK", [(256, 384, None, None, None), (200, 300, 4, 128, 2),
+                                         (256, 384, 8, 128, 2)], ids=["default", "ragged", "short-split"])
 def test_kernel_gemvs_fp8(kseed, N, K, BN, BK, SK):
     """The three GEMVs on fp8 weights with their 128x128 block scales, against plain torch on the
-    dequantized matrices (K = 300: a partial last block and tile; N = 200: a partial row block)."""
+    dequantized matrices (K = 300: a partial last block and tile; N = 200: a partial row block;
+    K = 384 in 2 splits: 256 columns, then 128), and prefill's one-pass dequantization."""
     x = krandn(K, std=3.0, dtype=torch.float32)
     norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
     (W, s), (W_gu, s_gu) = [nanofast.quantize_fp8(torch.randn(n, K) * K ** -0.5) for n in (N, 2 * N)]
     dense = [nanofast.dequantize(w_, s_, torch.float32) for w_, s_ in ((W, s), (W_gu, s_gu))]
     W, s, W_gu, s_gu = [t.to(KDEV) for t in (W, s, W_gu, s_gu)]
+    assert torch.equal(nanofast.dequantize_triton(W, s, torch.float32).cpu(), dense[0])
     xn = nanofast.rms_norm(x, norm_w.float(), 1e-6).cpu()
     out = poisoned(N)
     nanofast.rmsnorm_gemv(x, norm_w, W, out, 1e-6, s, BLOCK_N=BN, BLOCK_K=BK)
