@@ -605,6 +605,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = nanofast.pick_device(args.device)
+    if args.fp8 and device.type != "cuda":
+        sys.exit("bench.py: --fp8 measures the fp8 GPU kernels; on the CPU the projections are dequantized at load")
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
            "versions": versions(), "commit": git_commit(), **{k: getattr(args, k) for k in (
