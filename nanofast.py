@@ -600,7 +600,7 @@ def gemv_config(N, K, split_k=False, fp8=False):
         BLOCK_K = 128 * min(16, kb & -kb if K % 128 == 0 else triton.next_power_of_2(kb))
     else:
         BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
-    if split_k:  # fp8: 1024-wide tiles in up to 8 ranges measured best from 0.6B to 14B (H200)
+    if split_k:  # fp8: 1024-wide tiles in up to 8 ranges, best or near it from 0.6B to 8B (H200 sweep)
         BLOCK_K = min(BLOCK_K, 1024 if fp8 else 256)
         return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
     if fp8:
