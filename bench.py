@@ -15,7 +15,8 @@ shape it lays out a checkpoint of random bf16 weights under the released tensor 
 through nanofast.load, and measures decode tok/s per context (greedy, no stop ids, median of runs,
 time after the first token), sampling overhead, time to first token, startup (first and second load
 in the process), and the same for transformers eager and static-cache + torch.compile. It prints a
-table, then one line of JSON (the last line of stdout). --quick numbers are for smoke tests only.
+table, then one line of JSON (the last line of stdout), with the commit and git's blob id of the
+nanofast.py measured. --quick numbers are for smoke tests only.
 
 --baseline FILE (another nanofast.py, e.g. an older commit's, imported as a second module) and --fp8
 (the same checkpoint loaded with quantize="fp8") add engines held beside the one under test. At each
@@ -26,6 +27,7 @@ engine under test, fp8 also its own floor (counting fp8 bytes); in the JSON unde
 """
 import argparse
 import gc
+import hashlib
 import importlib.util
 import json
 import math
@@ -554,6 +556,14 @@ def git_commit():
         return None
 
 
+def blob_id(path):
+    """git's id for the file's content (what `git hash-object` prints, and `git rev-parse COMMIT:nanofast.py`
+    for a commit's copy): names the nanofast.py measured even where the checkout's git metadata is stale."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark nanofast against the bandwidth floor and transformers.")
     add = p.add_argument
@@ -609,10 +619,11 @@ def main(argv=None) -> int:
         sys.exit("bench.py: --fp8 measures the fp8 GPU kernels; on the CPU the projections are dequantized at load")
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-           "versions": versions(), "commit": git_commit(), **{k: getattr(args, k) for k in (
+           "versions": versions(), "commit": git_commit(), "nanofast_blob": blob_id(nanofast.__file__),
+           "baseline_blob": args.baseline and blob_id(args.baseline), **{k: getattr(args, k) for k in (
                "quick", "plain", "tokens", "runs", "peer_tokens", "peer_runs", "baseline", "fp8")},
            "shapes": {}, "errors": ERRORS}
-    print(f"bench: {out['device']}; {out['versions']}; commit {out['commit']}"
+    print(f"bench: {out['device']}; {out['versions']}; commit {out['commit']} (nanofast.py {out['nanofast_blob'][:12]})"
           + ("; QUICK: not for claims" if args.quick else ""), flush=True)
     args.baseline_load = args.baseline and attempt("baseline import", import_baseline, args.baseline)
     try:
