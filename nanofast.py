@@ -604,7 +604,7 @@ def gemv_config(N, K, split_k=False, fp8=False):
         BLOCK_K = min(BLOCK_K, 1024 if fp8 else 256)
         # fp8: ranges of two tiles (a one-tile range has nothing to prefetch: 8B o_proj 6.3 us, against 4.4),
         # 1024 or 512 wide, where that still leaves >= 1024 programs; else one tile per range (H200 sweep)
-        for bk in ((BLOCK_K, 512) if fp8 else ()):
+        for bk in (BLOCK_K, 512) if fp8 else ():
             if K % bk == 0 and N // 8 * triton.cdiv(K, 2 * bk) >= 1024:
                 return 8, bk, triton.cdiv(K, 2 * bk)
         return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
@@ -719,14 +719,14 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK
 def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
                      N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, EVEN_SPLIT: tl.constexpr, FP8: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     k_begin = tl.program_id(1) * KS
     cols = k_begin + tl.arange(0, BLOCK_K)                             # [BLOCK_K] columns of tile 0
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
     # the last split may be shorter; where all splits are whole, the loop bound is a compile-time constant
+    EVEN_SPLIT: tl.constexpr = K % KS == 0
     LAST = KS - BLOCK_K if EVEN_SPLIT else (tl.minimum(KS, K - k_begin) - 1) // BLOCK_K * BLOCK_K
     w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
@@ -755,8 +755,8 @@ def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_
     split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
         a, W, W if scale is None else scale, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, EVEN_SPLIT=K % KS == 0, FP8=scale is not None,
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 5. decode attention: q/k RMSNorm + RoPE + KV-cache append, then split-KV attention
