@@ -1513,11 +1513,15 @@ def test_kernel_gemv_add(kseed, SK):
 
 @requires_triton
 @pytest.mark.parametrize("N,K,BN,BK,SK", [(256, 384, None, None, None), (200, 300, 4, 128, 2),
-                                         (256, 384, 8, 128, 2)], ids=["default", "ragged", "short-split"])
+                                         (256, 384, 8, 128, 2)] + [
+    pytest.param(n, K, None, None, None, marks=requires_cuda) for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)],
+    ids=["default", "ragged", "short-split"] + [f"{n}x{K}" for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)])
 def test_kernel_gemvs_fp8(kseed, N, K, BN, BK, SK):
     """The three GEMVs on fp8 weights with their 128x128 block scales, against plain torch on the
     dequantized matrices (K = 300: a partial last block and tile; N = 200: a partial row block;
-    K = 384 in 2 splits: 256 columns, then 128), and prefill's one-pass dequantization."""
+    K = 384 in 2 splits: 256 columns, then 128), and prefill's one-pass dequantization. On a GPU,
+    also at the full Qwen3 shapes of FP8_TILES, whose tiles and loop unrolling differ from the rule's
+    (N rows for rmsnorm_gemv's entry, N / 2 for rmsnorm_gemv_silu's: its matrix has 2N rows)."""
     x = krandn(K, std=3.0, dtype=torch.float32)
     norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
     (W, s), (W_gu, s_gu) = [nanofast.quantize_fp8(torch.randn(n, K) * K ** -0.5) for n in (N, 2 * N)]
