@@ -592,6 +592,11 @@ FP8_TILES = {(6144, 2560): (16, 512, False),  # 4B qkv: the rule's tiles, but un
              (34816, 5120): (8, 1024, True)}  # 14B gate/up 69.8 -> 62.3
 
 
+def unroll_fp8(N, K, scale):
+    """Whether the fused GEMVs unroll their K loop: fp8 only (bf16 gains nothing and needs more registers)."""
+    return scale is not None and FP8_TILES.get((N, K), (0, 0, True))[2]
+
+
 def gemv_config(N, K, split_k=False, fp8=False):
     """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] bf16 (or fp8) GEMV, launched with 4 warps.
     An H100 needs roughly 16-32 KB of loads in flight per SM to saturate HBM, and matrices
@@ -662,7 +667,7 @@ def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None,
     _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, norm_w, W, W if scale is None else scale, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None,
-        UNROLL=scale is not None and FP8_TILES.get((N, K), (0, 0, True))[2], USE_PDL=use_pdl,
+        UNROLL=unroll_fp8(N, K, scale), USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=4)
 
 
@@ -672,7 +677,7 @@ def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None,
 def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
                               I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                              FP8: tl.constexpr, USE_PDL: tl.constexpr):
+                              FP8: tl.constexpr, UNROLL: tl.constexpr, USE_PDL: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)                                # [BLOCK_N], in 0..I-1
     cols = tl.arange(0, BLOCK_K)
@@ -685,7 +690,7 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
     acc_g = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
     acc_u = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in tl.range(0, LAST, BLOCK_K, loop_unroll_factor=LAST // BLOCK_K if FP8 else 1):
+    for k0 in tl.range(0, LAST, BLOCK_K, loop_unroll_factor=LAST // BLOCK_K if UNROLL else 1):
         nk = k0 + BLOCK_K + cols
         wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
         wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
@@ -716,8 +721,8 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK
     BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk  # fp8: 8192 weights per matrix and tile
     _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
         x, norm_w, W_gu, W_gu if scale is None else scale, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, USE_PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=4)
+        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, UNROLL=unroll_fp8(N2, K, scale),
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)

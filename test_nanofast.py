@@ -1511,11 +1511,13 @@ def test_kernel_gemv_add(kseed, SK):
         assert_kernel_close(h, ref, torch.float32)
 
 
+FP8_TILE_CASES = [(n, K) for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)]
+
+
 @requires_triton
-@pytest.mark.parametrize("N,K,BN,BK,SK", [(256, 384, None, None, None), (200, 300, 4, 128, 2),
-                                         (256, 384, 8, 128, 2)] + [
-    pytest.param(n, K, None, None, None, marks=requires_cuda) for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)],
-    ids=["default", "ragged", "short-split"] + [f"{n}x{K}" for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)])
+@pytest.mark.parametrize("N,K,BN,BK,SK", [(256, 384, None, None, None), (200, 300, 4, 128, 2), (256, 384, 8, 128, 2)]
+                         + [pytest.param(N, K, None, None, None, marks=requires_cuda) for N, K in FP8_TILE_CASES],
+                         ids=["default", "ragged", "short-split"] + [f"{N}x{K}" for N, K in FP8_TILE_CASES])
 def test_kernel_gemvs_fp8(kseed, N, K, BN, BK, SK):
     """The three GEMVs on fp8 weights with their 128x128 block scales, against plain torch on the
     dequantized matrices (K = 300: a partial last block and tile; N = 200: a partial row block;
