@@ -666,9 +666,8 @@ def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None,
     BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
     _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, norm_w, W, W if scale is None else scale, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None,
-        UNROLL=unroll_fp8(N, K, scale), USE_PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=4)
+        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, UNROLL=unroll_fp8(N, K, scale),
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
@@ -718,7 +717,7 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK
     N2, K = W_gu.shape
     I = N2 // 2
     bn, bk, _ = gemv_config(N2, K, fp8=scale is not None)
-    BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk  # fp8: 8192 weights per matrix and tile
+    BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk  # fp8 rule: 8192 weights per matrix and tile
     _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
         x, norm_w, W_gu, W_gu if scale is None else scale, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, UNROLL=unroll_fp8(N2, K, scale),
