@@ -23,9 +23,11 @@ nanofast.py measured. --quick numbers are for smoke tests only.
 context, and for the 4096-token time to first token, their runs take turns with its runs (A, B, A,
 B, ...), so drift in clocks and temperature hits both alike. Each reports tok/s and the ratio to the
 engine under test, fp8 also its own floor (counting fp8 bytes); in the JSON under "baseline" and
-"fp8" of each shape.
+"fp8" of each shape. With both, the baseline's fp8 engine runs too, against this fp8 engine (under
+"fp8" -> "baseline").
 """
 import argparse
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -258,8 +260,9 @@ def import_baseline(path: str):
     return module.load
 
 
-def load_fp8(model_dir, **kw):
-    engine = nanofast.load(model_dir, quantize="fp8", **kw)
+def load_fp8(model_dir, load=None, **kw):
+    """load (nanofast.load, or --baseline's) with quantize="fp8", checked to hold fp8 layer weights."""
+    engine = (load or nanofast.load)(model_dir, quantize="fp8", **kw)
     # On the CPU (or with sizes not in whole 128-blocks) the projections are dequantized at load:
     # such an engine computes in bf16/fp32 and must not be reported as fp8.
     layer = vars(engine.weights.layers[0]).values()
@@ -422,11 +425,17 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
         res["baseline"] = {"file": args.baseline, "decode": {}}
     if args.fp8:
         res["fp8"] = {"weight_bytes": bytes_per_token(cfg, fp8=True)[0], "decode": {}}
-    for label, load in (("baseline", args.baseline_load), ("fp8", args.fp8 and load_fp8)):
+    old8 = args.fp8 and args.baseline_load  # --baseline and --fp8: the baseline's fp8 engine too
+    if old8:
+        res["fp8"]["baseline"] = {"decode": {}}
+    for label, load, out in (("baseline", args.baseline_load, res.get("baseline")),
+                             ("fp8", args.fp8 and load_fp8, res.get("fp8")),
+                             ("baseline_fp8", old8 and functools.partial(load_fp8, load=old8),
+                              res.get("fp8", {}).get("baseline"))):
         if load:  # baseline_load is None without --baseline, or when its import failed (noted in ERRORS)
             got = attempt(f"{name} {label} load", timed_load, load, model_dir, device, **kw)
             if got:
-                engines[label], res[label]["load_s"] = got
+                engines[label], out["load_s"] = got
                 print(f"  {label} loaded in {got[1]:.2f} s", flush=True)
             free(device)
 
@@ -445,6 +454,10 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
             f8 = tok_s["fp8"]
             res["fp8"]["decode"][c] = {**against_floor(f8, res["fp8"]["weight_bytes"] + kv, bw),
                                        "runs": runs["fp8"], "bf16_tok_s": new, "ratio": ratio(f8, new)}
+            if "baseline_fp8" in runs:
+                res["fp8"]["baseline"]["decode"][c] = {"baseline_tok_s": tok_s["baseline_fp8"], "new_tok_s": f8,
+                                                       "ratio": ratio(f8, tok_s["baseline_fp8"]),
+                                                       "baseline_runs": runs["baseline_fp8"]}
         print(f"  decode ctx {ctx}: " + ", ".join(f"{label} {fmt(t, '.1f')} tok/s" for label, t in tok_s.items()),
               flush=True)
     tok_s, runs = side_by_side(f"{name} sampling", {"new": engine}, random_prompt(int(base), V), T, args.runs,
@@ -462,6 +475,9 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
             res["baseline"]["ttft_s"] = {"prompt": p, "baseline": old, "new": new, "ratio": ratio(new, old)}
         if p == AB_TTFT and "fp8" in res:
             res["fp8"]["ttft_s"] = {"prompt": p, "bf16": new, "fp8": f8, "ratio": ratio(f8, new)}
+        if p == AB_TTFT and "baseline" in res.get("fp8", {}):
+            old8 = ttft.get("baseline_fp8")
+            res["fp8"]["baseline"]["ttft_s"] = {"prompt": p, "baseline": old8, "new": f8, "ratio": ratio(f8, old8)}
     if args.profile:
         res["profile"] = attempt(f"{name} profile", profile_step, engine, V)
 
@@ -509,6 +525,10 @@ def print_table(name, r, args):
         print_ab(r["fp8"], f"fp8 projections (quantize=\"fp8\"; runs taking turns with bf16, median of {args.runs}; "
                  f"weights read per token {r['fp8']['weight_bytes'] / 1e9:.3f} GB):", "bf16", "fp8",
                  gb, floor_tok_s, tok_s, of_floor, ("bf16 tok/s", 11, "bf16_tok_s", ".1f"))
+        if "baseline" in r["fp8"]:
+            print_ab(r["fp8"]["baseline"], "fp8 A/B against the baseline's fp8 (same process, runs taking turns, "
+                     f"median of {args.runs}):", "baseline", "new",
+                     ("baseline tok/s", 15, "baseline_tok_s", ".1f"), ("new tok/s", 10, "new_tok_s", ".1f"))
     s = r.get("sampling") or {}
     print(f"sampling (t 0.6, top-k 20, top-p 0.95): {fmt(s.get('tok_s'), '.1f', 1, ' tok/s')}, "
           f"{fmt(s.get('overhead_pct'), '+.1f', 1, '%')} time per token vs greedy")
@@ -583,7 +603,8 @@ def parse_args(argv=None):
         f"runs taking turns: decode tok/s per context and {AB_TTFT}-token TTFT, with ratios new/baseline")
     add("--fp8", action="store_true", help='also load with nanofast.load(..., quantize="fp8") and measure it in the '
         "same run, runs taking turns with bf16: decode tok/s per context against its own floor (fp8 bytes), and "
-        f"{AB_TTFT}-token TTFT, with ratios fp8/bf16")
+        f"{AB_TTFT}-token TTFT, with ratios fp8/bf16; with --baseline, the baseline's fp8 engine too "
+        "(ratios new/baseline)")
     add("--cache-dir", default=os.path.join(tempfile.gettempdir(), "nanofast-bench"),
         help="where random checkpoints are written and reused (default: TMP/nanofast-bench)")
     add("--out", help="also write the JSON to this file")
