@@ -406,6 +406,16 @@ def bench_shape(name, model_dir, device, args, res: dict):
                                    "ttft": ratio(p["ttft_s"], nf_ttft_s)}
 
 
+def ab_decode(tok_s, runs, old, new):
+    """An A/B entry of one context: engine new against engine old (keys of tok_s and runs)."""
+    a, b = tok_s.get(old), tok_s.get(new)
+    return {"baseline_tok_s": a, "new_tok_s": b, "ratio": ratio(b, a), "baseline_runs": runs[old]}
+
+
+def ab_ttft(prompt, old, new):
+    return {"prompt": prompt, "baseline": old, "new": new, "ratio": ratio(new, old)}
+
+
 def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
     """nanofast.load's engine ("new"), and beside it those of --baseline and --fp8, runs taking turns."""
     T, V, (w_bytes, kv_bytes), bw = args.tokens, cfg.vocab_size, bytes_per_token(cfg), res["bandwidth_Bps"]
@@ -425,12 +435,12 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
         res["baseline"] = {"file": args.baseline, "decode": {}}
     if args.fp8:
         res["fp8"] = {"weight_bytes": bytes_per_token(cfg, fp8=True)[0], "decode": {}}
-    old8 = args.fp8 and args.baseline_load  # --baseline and --fp8: the baseline's fp8 engine too
-    if old8:
+    load_old8 = args.fp8 and args.baseline_load  # --baseline and --fp8: the baseline's fp8 engine too
+    if load_old8:
         res["fp8"]["baseline"] = {"decode": {}}
     for label, load, out in (("baseline", args.baseline_load, res.get("baseline")),
                              ("fp8", args.fp8 and load_fp8, res.get("fp8")),
-                             ("baseline_fp8", old8 and functools.partial(load_fp8, load=old8),
+                             ("baseline_fp8", load_old8 and functools.partial(load_fp8, load=load_old8),
                               res.get("fp8", {}).get("baseline"))):
         if load:  # baseline_load is None without --baseline, or when its import failed (noted in ERRORS)
             got = attempt(f"{name} {label} load", timed_load, load, model_dir, device, **kw)
@@ -447,17 +457,13 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
         if "new" in runs:
             dec[c] = {**against_floor(new, w_bytes + kv, bw), "runs": runs["new"]}
         if "baseline" in runs:
-            old = tok_s["baseline"]
-            res["baseline"]["decode"][c] = {"baseline_tok_s": old, "new_tok_s": new, "ratio": ratio(new, old),
-                                            "baseline_runs": runs["baseline"]}
+            res["baseline"]["decode"][c] = ab_decode(tok_s, runs, "baseline", "new")
         if "fp8" in runs:
             f8 = tok_s["fp8"]
             res["fp8"]["decode"][c] = {**against_floor(f8, res["fp8"]["weight_bytes"] + kv, bw),
                                        "runs": runs["fp8"], "bf16_tok_s": new, "ratio": ratio(f8, new)}
             if "baseline_fp8" in runs:
-                res["fp8"]["baseline"]["decode"][c] = {"baseline_tok_s": tok_s["baseline_fp8"], "new_tok_s": f8,
-                                                       "ratio": ratio(f8, tok_s["baseline_fp8"]),
-                                                       "baseline_runs": runs["baseline_fp8"]}
+                res["fp8"]["baseline"]["decode"][c] = ab_decode(tok_s, runs, "baseline_fp8", "fp8")
         print(f"  decode ctx {ctx}: " + ", ".join(f"{label} {fmt(t, '.1f')} tok/s" for label, t in tok_s.items()),
               flush=True)
     tok_s, runs = side_by_side(f"{name} sampling", {"new": engine}, random_prompt(int(base), V), T, args.runs,
@@ -470,14 +476,13 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, base, res):
         ttft, _ = side_by_side(f"{name} ttft {p}", engines if p == AB_TTFT else {"new": engine},
                                random_prompt(p, V), 1, args.runs, "ttft_s")
         res["ttft_s"][str(p)] = new = ttft.get("new")
-        old, f8 = ttft.get("baseline"), ttft.get("fp8")
+        f8 = ttft.get("fp8")
         if p == AB_TTFT and "baseline" in res:
-            res["baseline"]["ttft_s"] = {"prompt": p, "baseline": old, "new": new, "ratio": ratio(new, old)}
+            res["baseline"]["ttft_s"] = ab_ttft(p, ttft.get("baseline"), new)
         if p == AB_TTFT and "fp8" in res:
             res["fp8"]["ttft_s"] = {"prompt": p, "bf16": new, "fp8": f8, "ratio": ratio(f8, new)}
         if p == AB_TTFT and "baseline" in res.get("fp8", {}):
-            old8 = ttft.get("baseline_fp8")
-            res["fp8"]["baseline"]["ttft_s"] = {"prompt": p, "baseline": old8, "new": f8, "ratio": ratio(f8, old8)}
+            res["fp8"]["baseline"]["ttft_s"] = ab_ttft(p, ttft.get("baseline_fp8"), f8)
     if args.profile:
         res["profile"] = attempt(f"{name} profile", profile_step, engine, V)
 
@@ -517,18 +522,17 @@ def print_table(name, r, args):
     tok_s, of_floor = ("tok/s", 9, "tok_s", ".1f"), ("of floor", 9, "frac_floor", ".1%")
     print(f"decode, greedy, {args.tokens} tokens, median of {args.runs} (floor: KV at prompt + {args.tokens}/2):")
     print_rows(r.get("decode", {}), gb, ("floor us", 9, "floor_us", ".1f"), floor_tok_s, tok_s, of_floor)
+    ab_cols = ("baseline tok/s", 15, "baseline_tok_s", ".1f"), ("new tok/s", 10, "new_tok_s", ".1f")
     if "baseline" in r:
         print_ab(r["baseline"], f"A/B against baseline {r['baseline']['file']} (same process, runs taking turns, "
-                 f"median of {args.runs}):", "baseline", "new",
-                 ("baseline tok/s", 15, "baseline_tok_s", ".1f"), ("new tok/s", 10, "new_tok_s", ".1f"))
+                 f"median of {args.runs}):", "baseline", "new", *ab_cols)
     if "fp8" in r:
         print_ab(r["fp8"], f"fp8 projections (quantize=\"fp8\"; runs taking turns with bf16, median of {args.runs}; "
                  f"weights read per token {r['fp8']['weight_bytes'] / 1e9:.3f} GB):", "bf16", "fp8",
                  gb, floor_tok_s, tok_s, of_floor, ("bf16 tok/s", 11, "bf16_tok_s", ".1f"))
         if "baseline" in r["fp8"]:
             print_ab(r["fp8"]["baseline"], "fp8 A/B against the baseline's fp8 (same process, runs taking turns, "
-                     f"median of {args.runs}):", "baseline", "new",
-                     ("baseline tok/s", 15, "baseline_tok_s", ".1f"), ("new tok/s", 10, "new_tok_s", ".1f"))
+                     f"median of {args.runs}):", "baseline", "new", *ab_cols)
     s = r.get("sampling") or {}
     print(f"sampling (t 0.6, top-k 20, top-p 0.95): {fmt(s.get('tok_s'), '.1f', 1, ' tok/s')}, "
           f"{fmt(s.get('overhead_pct'), '+.1f', 1, '%')} time per token vs greedy")
