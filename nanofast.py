@@ -483,6 +483,22 @@ def num_sms():
     return 132  # H100 SXM
 
 
+# The decode step's residual stream h is a 64-bit fixed-point number, h * 2^32 as int64 (range
+# +-2^31, resolution 2^-32: finer than fp32 above 2^-8, and no Qwen3 activation comes near the
+# range). o_proj and down_proj split K over several programs that add into h with atomics; the
+# sum of integers does not depend on the order in which they arrive, so h, the logits and the
+# tokens are the same on every run. fp32 atomics would add in arrival order and round differently
+# from run to run, and a seeded run would not repeat.
+RESID_ONE = tl.constexpr(4294967296.0)  # 2^32
+
+
+@triton.jit
+def _to_resid(x, ptr):  # fp32 x as stored at ptr: rounded to fixed point if the residual is int64
+    if ptr.dtype.element_ty == tl.int64:
+        return tl.floor(x * RESID_ONE + 0.5).to(tl.int64)
+    return x
+
+
 @triton.jit
 def _pdl_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
@@ -498,11 +514,11 @@ def _embed_kernel(tok_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.con
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tok = tl.load(tok_ptr).to(tl.int64)
     row = tl.load(e_ptr + tok * D + offs, mask=offs < D, other=0.0)
-    tl.store(h_ptr + offs, row.to(tl.float32), mask=offs < D)
+    tl.store(h_ptr + offs, _to_resid(row.to(tl.float32), h_ptr), mask=offs < D)
 
 
 def embed(tok, E, h, use_pdl=False):
-    """tok int32[1], E [V, D], h fp32[D]  ->  h = E[tok]"""
+    """tok int32[1], E [V, D], h int64[D] (fixed point) or fp32[D]  ->  h = E[tok]"""
     D = E.shape[1]
     _embed_kernel[(triton.cdiv(D, 1024),)](tok, E, h, D, BLOCK=1024, USE_PDL=use_pdl, launch_pdl=use_pdl,
                                           num_warps=4)
@@ -528,11 +544,13 @@ def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constex
 
 
 @triton.jit
-def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):  # as fp32; a fixed-point residual converted
     if EVEN_K:
         v = tl.load(ptrs)
     else:
-        v = tl.load(ptrs, mask=kk < K, other=0.0)
+        v = tl.load(ptrs, mask=kk < K, other=0)
+    if v.dtype == tl.int64:
+        return v.to(tl.float32) * (1.0 / RESID_ONE)
     return v.to(tl.float32)
 
 
@@ -660,7 +678,8 @@ def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
 
 
 def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x fp32[K], norm_w [K], W [N, K] (fp8 with block scales, or as out), out [N] (qkv: bf16/fp16, logits: fp32)"""
+    """x [K] (the residual: int64 fixed point, or fp32), norm_w [K], W [N, K] (fp8 with block scales, or as out),
+    out [N] (qkv: bf16/fp16, logits: fp32)"""
     N, K = W.shape
     bn, bk, _ = gemv_config(N, K, fp8=scale is not None)
     BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
@@ -711,7 +730,7 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
 
 
 def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x fp32[K], norm_w [K], W_gu [2I, K] = cat(W_gate, W_up) (fp8 with block scales, or as out),
+    """x [K] (as rmsnorm_gemv's), norm_w [K], W_gu [2I, K] = cat(W_gate, W_up) (fp8 with block scales, or as out),
     out [I] (bf16/fp16). BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows;
     the default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
     N2, K = W_gu.shape
@@ -728,7 +747,8 @@ def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK
 # N = D is small and K is large, so K is split into SPLIT_K ranges of KS columns (a multiple of
 # BLOCK_K; the last range may be shorter, so no tile is masked where BLOCK_K divides K); program
 # (i, j) adds its partial sums into h with a relaxed fp32 atomic. The kernel boundary orders
-# these adds before any reader. Addition order varies, so h's last bits do too.
+# these adds before any reader. With the fixed-point residual the adds are exact, so their order,
+# which varies from run to run, does not change h.
 
 @triton.jit
 def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
@@ -753,7 +773,7 @@ def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
         w = w_next
     a = _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
     acc = _acc(acc, w, a, s_ptr, row0, k_begin + LAST, BLOCK_N, BLOCK_K, K, FP8)
-    y = tl.sum(acc, axis=1)                                            # [BLOCK_N]
+    y = _to_resid(tl.sum(acc, axis=1), h_ptr)                         # [BLOCK_N]
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
         tl.store(h_ptr + rows, h + y, mask=rows < N)
@@ -762,7 +782,7 @@ def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
 
 
 def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
-    """a [K] (bf16), W [N, K] (fp8 with block scales, or as a), h fp32[N]  ->  h += W @ a"""
+    """a [K] (bf16), W [N, K] (fp8 with block scales, or as a), h int64[N] (fixed point) or fp32[N]  ->  h += W @ a"""
     N, K = W.shape
     bn, bk, sk = gemv_config(N, K, split_k=True, fp8=scale is not None)
     BLOCK_N, BLOCK_K, SPLIT_K = BLOCK_N or bn, BLOCK_K or bk, SPLIT_K or sk
@@ -963,7 +983,7 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
 #   threshold on the key: allowed = {i : key_i >= threshold}, ties included.
 # * Radix select. The threshold is found digit by digit, most significant first. Each pass
 #   histograms the elements whose higher bits equal the prefix found so far (counts for top-k,
-#   mass exp(s - s_max) for top-p); the last program to finish finds the bin holding the k-th
+#   mass exp(s - s_max) in fixed point for top-p); the last program to finish finds the bin holding the k-th
 #   element, or where the mass reaches top_p * Z_k, extends the prefix and resets bins and counter.
 # * Top-p candidates. Token i cannot survive top-p if n * w_i <= (1 - top_p) * Z_k, with
 #   w_i = exp(s_i - s_max) and n the size of the top-k set: the tokens at or below it hold at
@@ -979,17 +999,22 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
 DIGITS = ((24, 8), (12, 12), (0, 12))
 MAX_BINS = 1 << 12
 
-# Scalar slots of Sampler.ints and Sampler.floats.
+# Probability masses that programs add up with atomics are 64-bit fixed point, mass * 2^40 (at most
+# V <= 2^23 terms of at most 1): integer sums do not depend on the order of the atomics, so the
+# thresholds, like the residual stream, are the same on every run.
+MASS_ONE = tl.constexpr(1099511627776.0)  # 2^40
+
+# Scalar slots of Sampler.ints (int64; key prefixes are uint32 values) and Sampler.floats.
 I_ARGMAX = tl.constexpr(0)       # argmax of the logits
 I_TOPK_PREFIX = tl.constexpr(1)  # top-k key prefix found so far; after the last pass: the threshold
 I_TOPK_ABOVE = tl.constexpr(2)   # number of elements with a key above the prefix range
 I_TOPK_COUNT = tl.constexpr(3)   # number of elements kept by top-k (V when top-k is off)
 I_TOPP_PREFIX = tl.constexpr(4)  # the same for top-p
+I_ZK = tl.constexpr(5)           # mass of the top-k set, sum exp(s - s_max); atomically accumulated
+I_TOPP_TARGET = tl.constexpr(6)  # top_p * Z_k, rounded up
+I_TOPP_ABOVE = tl.constexpr(7)   # mass of the elements above the top-p prefix range
 F_SMAX = tl.constexpr(0)         # max score, s_max = max(logits) / T
 F_Z = tl.constexpr(1)            # sum exp(s - s_max) over all V (only when top-p is on, top-k off)
-F_ZK = tl.constexpr(2)           # sum exp(s - s_max) over the top-k set; atomically accumulated
-F_TOPP_TARGET = tl.constexpr(3)  # top_p * Z_k
-F_TOPP_ABOVE = tl.constexpr(4)   # mass of the elements above the top-p prefix range
 
 
 @triton.jit
@@ -1026,6 +1051,11 @@ def _scores_and_keys(x, t):
 @triton.jit
 def _digit(key, SHIFT: tl.constexpr, BITS: tl.constexpr):
     return ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _mass(w):  # fp32 w in [0, 1] -> fixed point
+    return tl.floor(w * MASS_ONE + 0.5).to(tl.int64)
 
 
 @triton.jit
@@ -1167,18 +1197,18 @@ def _radix_pass_kernel(
         cand = valid
         if TOPP:
             w = tl.exp(s - tl.load(floats_ptr + F_SMAX))  # unnormalised probability, <= 1
-            in_topk = valid & (key >= tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32, bitcast=True))
+            in_topk = valid & (key >= tl.load(ints_ptr + I_TOPK_PREFIX).to(tl.uint32))
             z_bound = tl.where(topk_on, 1.0, tl.load(floats_ptr + F_Z))
             floor = 0.5 * (1.0 - p) * z_bound / tl.load(ints_ptr + I_TOPK_COUNT).to(tl.float32)
             cand = in_topk & (w >= floor)  # the top-p candidates (see the notes above)
             if FIRST:  # also sum Z_k, the mass of the whole top-k set
-                tl.atomic_add(floats_ptr + F_ZK, tl.sum(tl.where(in_topk, w, 0.0), axis=0), sem="relaxed")
+                tl.atomic_add(ints_ptr + I_ZK, tl.sum(tl.where(in_topk, _mass(w), 0), axis=0), sem="relaxed")
         if not FIRST:
-            prefix = tl.load(ints_ptr + PREFIX).to(tl.uint32, bitcast=True)
+            prefix = tl.load(ints_ptr + PREFIX).to(tl.uint32)
             cand = cand & ((key >> (SHIFT + BITS)) == prefix)
         if tl.max(cand.to(tl.int32), axis=0) > 0:
             if TOPP:
-                _add_to_bins(bins_ptr, _digit(key, SHIFT, BITS), w, cand, 1 << BITS)
+                _add_to_bins(bins_ptr, _digit(key, SHIFT, BITS), _mass(w), cand, 1 << BITS)
             else:
                 _add_to_bins(bins_ptr, _digit(key, SHIFT, BITS), cand.to(tl.int32), cand, 1 << BITS)
 
@@ -1188,20 +1218,21 @@ def _radix_pass_kernel(
                 tl.store(ints_ptr + I_TOPK_ABOVE, above)
                 tl.store(ints_ptr + I_TOPK_COUNT, above + at)  # final after the last pass
             elif FIRST:
-                z_topk = tl.load(floats_ptr + F_ZK, volatile=True)
-                tl.store(floats_ptr + F_ZK, 0.0)
-                target = tl.maximum(p * z_topk, 1e-30)  # top_p = 0 still keeps the top token, as HF does
-                tl.store(floats_ptr + F_TOPP_TARGET, target)
-                d, above, _ = _scan_bins(bins_ptr, 1 << BITS, 0.0, target)
-                tl.store(floats_ptr + F_TOPP_ABOVE, above)
+                z_topk = tl.load(ints_ptr + I_ZK, volatile=True)
+                tl.store(ints_ptr + I_ZK, 0)
+                # mass >= top_p * Z_k, in integers; top_p = 0 still keeps the top token, as HF does
+                target = tl.maximum(tl.math.ceil(p.to(tl.float64) * z_topk.to(tl.float64)).to(tl.int64), 1)
+                tl.store(ints_ptr + I_TOPP_TARGET, target)
+                d, above, _ = _scan_bins(bins_ptr, 1 << BITS, 0, target)
+                tl.store(ints_ptr + I_TOPP_ABOVE, above)
             else:
-                d, above, _ = _scan_bins(bins_ptr, 1 << BITS, tl.load(floats_ptr + F_TOPP_ABOVE),
-                                         tl.load(floats_ptr + F_TOPP_TARGET))
-                tl.store(floats_ptr + F_TOPP_ABOVE, above)
+                d, above, _ = _scan_bins(bins_ptr, 1 << BITS, tl.load(ints_ptr + I_TOPP_ABOVE),
+                                         tl.load(ints_ptr + I_TOPP_TARGET))
+                tl.store(ints_ptr + I_TOPP_ABOVE, above)
             if FIRST:
                 tl.store(ints_ptr + PREFIX, d)
             else:
-                tl.store(ints_ptr + PREFIX, ((prefix << BITS) | d.to(tl.uint32)).to(tl.int32, bitcast=True))
+                tl.store(ints_ptr + PREFIX, ((prefix << BITS) | d.to(tl.uint32)).to(tl.int64))
             tl.store(counters_ptr + COUNTER, 0)
 
 
@@ -1219,7 +1250,7 @@ def _gumbel_kernel(
         pid, offs, valid, x = _logits_block(logits_ptr, V, BLOCK)
         s, key = _scores_and_keys(x, t)
         threshold = tl.where(topp_on, tl.load(ints_ptr + I_TOPP_PREFIX),
-                             tl.load(ints_ptr + I_TOPK_PREFIX)).to(tl.uint32, bitcast=True)
+                             tl.load(ints_ptr + I_TOPK_PREFIX)).to(tl.uint32)
         allowed = valid & (key >= threshold)
 
         best_val = tl.full([], float("-inf"), tl.float32)
@@ -1258,9 +1289,9 @@ class Sampler:
         self.tok = zeros(1)                  # the sampled token, also the next decode step's input
         self.pos = zeros(1)                  # its position: advanced by one per call
         self.ring = zeros(ring_size)         # ring[step % ring_size] = token
-        self.ints, self.floats = zeros(8), zeros(8, f32)  # the slots I_* and F_*
+        self.ints, self.floats = zeros(8, torch.int64), zeros(2, f32)  # the slots I_* and F_*
         self.counters = zeros(7)             # one arrival counter per kernel
-        self.count_bins, self.mass_bins = zeros(MAX_BINS), zeros(MAX_BINS, f32)  # top-k, top-p histograms
+        self.count_bins, self.mass_bins = zeros(MAX_BINS), zeros(MAX_BINS, torch.int64)  # top-k, top-p histograms
         self.part_val = zeros(self.num_programs, f32)  # per program: best value (max logit or Gumbel score)
         self.part_idx = zeros(self.num_programs)       # and its index
         self.part_z = zeros(self.num_programs, f32)    # sum exp(s - the program's max)
@@ -1475,7 +1506,7 @@ class FastDecoder:
         self.pdl = pdl
 
         # --- the decode step's buffers
-        self.h = torch.empty(D, dtype=torch.float32, device=dev)  # residual stream, fp32
+        self.h = torch.empty(D, dtype=torch.int64, device=dev)  # residual stream, fixed point (see RESID_ONE)
         self.qkv = torch.empty((Hq + 2 * Hkv) * hd, dtype=dt, device=dev)  # fused q/k/v projection
         self.attn = torch.empty(Hq * hd, dtype=dt, device=dev)  # attention output, o_proj's input
         self.act = torch.empty(I, dtype=dt, device=dev)  # silu(gate) * up, down_proj's input

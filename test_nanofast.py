@@ -523,6 +523,23 @@ def test_interrupted(tied_case):
     assert eng.stop_reason == "interrupted"
 
 
+@pytest.mark.parametrize("setting", ["temperature", "top-k", "top-p", "top-k+top-p", "generation_config"])
+def test_plain_seeded_runs_repeat(tied_case, setting):
+    """The plain path's seeded runs repeat, with and without prefix reuse, after an early stop."""
+    kw = dict(dict(temperature=0.7, top_k=50, top_p=0.9) if setting == "top-k+top-p" else
+              dict(temperature=0.6, top_k=20, top_p=0.95) if setting == "generation_config" else
+              dict(temperature=0.7, **({"top_k": 50} if setting == "top-k" else
+                                       {"top_p": 0.9} if setting == "top-p" else {})), seed=5)
+    eng = load_engine(tied_case["dir"], max_seq_len=64)
+    first = list(eng.generate(tied_case["prompt"], max_new_tokens=30, **kw))
+    it = eng.generate(tied_case["prompt"], max_new_tokens=30, **kw)
+    assert [next(it) for _ in range(5)] == first[:5]
+    it.close()
+    assert list(eng.generate(tied_case["prompt"], max_new_tokens=30, **kw)) == first  # prefix reused
+    eng.reset()
+    assert list(eng.generate(tied_case["prompt"], max_new_tokens=30, **kw)) == first
+
+
 def test_seeded_generate_is_repeatable(tied_case):
     eng = load_engine(tied_case["dir"])
     kw = dict(max_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0)
@@ -1454,14 +1471,26 @@ def kseed():
     torch.manual_seed(0)
 
 
+def to_fixed(x):  # the decode step's residual stream: x * 2^32 as int64 (nanofast.RESID_ONE)
+    return torch.round(x.double() * 2.0 ** 32).long()
+
+
+def from_fixed(h):
+    return (h.double() / 2.0 ** 32).float()
+
+
 @requires_triton
-def test_kernel_embed(kseed):
+@pytest.mark.parametrize("resid", [torch.float32, torch.int64], ids=["fp32", "fixed"])
+def test_kernel_embed(kseed, resid):
     V, D = 50, 40  # D below the kernel's block: masked tail
     E = krandn(V, D)
     for t in (0, 7, V - 1):
-        h = poisoned(D)
+        h = poisoned(D) if resid == torch.float32 else torch.full((D,), -2 ** 63, device=KDEV)
         nanofast.embed(i32(t), E, h)
-        assert torch.equal(h, E[t].float()), t  # a copy: exact
+        if resid == torch.float32:
+            assert torch.equal(h, E[t].float()), t  # a copy: exact
+        else:  # rounded to the nearest multiple of 2^-32
+            assert torch.equal(h, to_fixed(E[t].float())), t
 
 
 @requires_triton
@@ -1496,19 +1525,36 @@ def test_kernel_rmsnorm_gemv_silu(kseed, I, K, BN, BK, wdt):
 
 
 @requires_triton
+@pytest.mark.parametrize("resid", [torch.float32, torch.int64], ids=["fp32", "fixed"])
 @pytest.mark.parametrize("SK", [1, 3], ids=["no-split", "split-k"])
-def test_kernel_gemv_add(kseed, SK):
+def test_kernel_gemv_add(kseed, SK, resid):
     # K = 300 is ragged for BLOCK_K 64; SPLIT_K 3 -> 3 ranges of 128 columns, atomics into h
     N, K = 40, 300
     a = krandn(K)
     W = krandn(N, K, std=K ** -0.5)
     h0 = krandn(N, dtype=torch.float32)
-    h = h0.clone()  # h is the output too: no poison, but every element is compared
+    h = h0.clone() if resid == torch.float32 else to_fixed(h0)  # the output too: every element is compared
     ref = h0
     for _ in range(2):  # accumulates
         nanofast.gemv_add(a, W, h, BLOCK_N=16, BLOCK_K=64, SPLIT_K=SK)
         ref = ref + W.float() @ a.float()
-        assert_kernel_close(h, ref, torch.float32)
+        assert_kernel_close(h if resid == torch.float32 else from_fixed(h), ref, torch.float32)
+
+
+@requires_triton
+def test_kernel_gemvs_read_fixed_point_residual(kseed):
+    """Both fused RMSNorm GEMVs give the same result for the residual as fp32 and as fixed point."""
+    K, N = 200, 48
+    x = krandn(K, std=3.0, dtype=torch.float32)
+    x = from_fixed(to_fixed(x))  # exactly representable both ways
+    norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
+    W = krandn(2 * N, K, std=K ** -0.5, dtype=KDT)
+    for launch, out_dtype in ((nanofast.rmsnorm_gemv, torch.float32), (nanofast.rmsnorm_gemv_silu, KDT)):
+        outs = []
+        for resid in (x, to_fixed(x)):
+            outs.append(poisoned(2 * N if launch is nanofast.rmsnorm_gemv else N, dtype=out_dtype))
+            launch(resid, norm_w, W, outs[-1], 1e-6, BLOCK_N=16, BLOCK_K=64)
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), launch.__name__
 
 
 FP8_TILE_CASES = [(n, K) for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)]
@@ -1731,7 +1777,7 @@ def test_fast_decoder_run_step(tmp_path, monkeypatch):
     tokens = torch.randint(0, V, (steps,), generator=torch.Generator().manual_seed(1)).tolist()
     for pos, tok in enumerate(tokens):
         for buf in (decoder.h, decoder.qkv, decoder.attn, decoder.act, decoder.logits):
-            buf.fill_(NAN)
+            buf.fill_(NAN if buf.is_floating_point() else -2 ** 63)  # h: fixed point, -2^31 if unwritten
         decoder.sampler.tok.fill_(tok)
         decoder.sampler.pos.fill_(pos)
         with torch.inference_mode():
@@ -2012,3 +2058,89 @@ def test_fast_decode_allocates_nothing(tmp_path, quantize):
     before = counters()
     rest = list(tokens)
     assert len(rest) == 999 and counters() == before
+
+
+# The seed: the same seed, prompt and settings give the same tokens, call after call, however
+# the previous call ended. The shape is GQA-3 with head_dim 128, a full vocabulary and short
+# enough to run many calls; the cache holds 240 tokens, so some runs fill it.
+SEED_SETTINGS = {
+    "temperature": dict(temperature=0.7),
+    "top-k": dict(temperature=0.7, top_k=50),
+    "top-p": dict(temperature=0.7, top_p=0.9),
+    "top-k+top-p": dict(temperature=0.7, top_k=50, top_p=0.9),
+    "generation_config": dict(temperature=0.6, top_k=20, top_p=0.95),
+}
+
+
+@pytest.fixture(scope="module", params=[None, "fp8"])
+def seed_engine(request, tmp_path_factory):
+    d = make_checkpoint(tmp_path_factory.mktemp("gpu-seed"), **dict(_GPU, hidden=1536, layers=3, heads=12,
+                                                                      kv_heads=4, intermediate=4096))
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=240, quantize=request.param, verbose=False)
+    yield engine, random_prompt(37, seed=3)
+    del engine
+    torch.cuda.empty_cache()
+
+
+@requires_fast
+def test_fast_decode_is_deterministic(seed_engine):
+    """The root of a repeatable seed: the decode step's logits are bit for bit the same on every run."""
+    engine, prompt = seed_engine
+    tokens = random_prompt(150, seed=9)
+    runs = []
+    for _ in range(3):
+        engine.reset()
+        runs.append(torch.stack([engine.prefill(prompt)] + [engine.step(t) for t in tokens]))
+    assert torch.isfinite(runs[0]).all()
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0]), f"{int((r != runs[0]).any(-1).sum())} of 151 steps differ"
+
+
+@requires_cuda
+@requires_triton
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_fast_split_k_is_deterministic(fp8):
+    """gemv_add at 8B's down_proj shape (split K, atomics into the residual) gives the same bits on
+    every call, however its programs happen to be scheduled."""
+    N, K = 4096, 12288
+    W = torch.randn(N, K, device="cuda") * K ** -0.5
+    W, s = nanofast.quantize_fp8(W) if fp8 else (W.bfloat16(), None)
+    a = torch.randn(K, device="cuda").bfloat16()
+    h0 = to_fixed(torch.randn(N, device="cuda") * 10)
+    assert nanofast.gemv_config(N, K, split_k=True, fp8=fp8)[2] > 1
+    outs = []
+    for _ in range(50):
+        h = h0.clone()
+        nanofast.gemv_add(a, W, h, s)
+        outs.append(h)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    ref = from_fixed(h0).double() + nanofast.dequantize(W, s, torch.float32).double() @ a.double()
+    assert rel_err(from_fixed(outs[0]), ref) < 1e-5
+
+
+@requires_fast
+@pytest.mark.parametrize("setting", list(SEED_SETTINGS))
+def test_fast_seeded_runs_repeat(seed_engine, setting):
+    """Ten seeded runs on one engine, with and without reset() (so with and without prefix
+    reuse), to 200 tokens and to a full cache, after runs that the caller or a stop id ended
+    early: every run gives the first run's tokens."""
+    engine, prompt = seed_engine
+    kw = dict(SEED_SETTINGS[setting], seed=1)
+    engine.reset()
+    first = list(engine.generate(prompt, max_new_tokens=200, **kw))
+    full = list(engine.generate(prompt, max_new_tokens=1000, **kw))
+    assert engine.stop_reason == "cache_full" and full[:200] == first
+    assert len(set(first)) > 20, "degenerate test model: the sampler must have choices"
+    for i in range(8):
+        if i % 2:
+            engine.reset()
+        if i % 4 == 1:  # the caller stops early
+            it = engine.generate(prompt, max_new_tokens=200, **kw)
+            assert [next(it) for _ in range(50)] == first[:50]
+            it.close()
+        elif i % 4 == 3:  # a stop id ends the run
+            out = list(engine.generate(prompt, max_new_tokens=200, stop_ids=[first[120]], **kw))
+            assert out == first[:first.index(first[120]) + 1]
+        got = list(engine.generate(prompt, max_new_tokens=1000 if i % 3 == 0 else 200, **kw))
+        assert got == (full if i % 3 == 0 else first), f"run {i}: first differing token at {first_divergence(got, first)}"
+    assert list(engine.generate(prompt, max_new_tokens=200, **dict(kw, seed=2))) != first
