@@ -2144,3 +2144,18 @@ def test_fast_seeded_runs_repeat(seed_engine, setting):
         got = list(engine.generate(prompt, max_new_tokens=1000 if i % 3 == 0 else 200, **kw))
         assert got == (full if i % 3 == 0 else first), f"run {i}: first differing token at {first_divergence(got, first)}"
     assert list(engine.generate(prompt, max_new_tokens=200, **dict(kw, seed=2))) != first
+
+
+@requires_fast
+@requires_qwen3_files
+def test_fast_cli_seed_repeats_across_processes(tmp_path, tokenizer_json):
+    """The CLI with --seed, in two processes, at generation_config.json's sampling defaults."""
+    d = make_checkpoint(tmp_path / "ckpt", tokenizer_json=tokenizer_json,
+                        **dict(_GPU, hidden=1536, layers=3, heads=12, kv_heads=4, intermediate=4096))
+    argv = [sys.executable, str(REPO / "nanofast.py"), "--model", str(d), "--prompt", "Tell me a story",
+            "--seed", "11", "--max-new-tokens", "150", "--ignore-eos", "--json"]
+    runs = [subprocess.run(argv, capture_output=True, text=True, timeout=900) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    ids = [json.loads(r.stdout.strip().splitlines()[-1])["generated_ids"] for r in runs]
+    assert len(ids[0]) == 150 and len(set(ids[0])) > 20
+    assert ids[0] == ids[1], f"first differing token at {first_divergence(*ids)}"
