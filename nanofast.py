@@ -56,6 +56,11 @@ class NanofastError(Exception):
     """A problem with the user's input or files; the CLI prints it as one line."""
 
 
+def is_out_of_memory(e: BaseException) -> bool:  # torch's GPU or CPU allocator, Python or the OS gave up
+    text = str(e).lower()  # CPU: "can't allocate memory", on Windows "not enough memory"; the OS's ENOMEM
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in text or "enough memory" in text
+
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -262,6 +267,8 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
         try:
             return where[name].get_tensor(name).to(to)
         except Exception as e:
+            if is_out_of_memory(e):  # not the file's fault: the engine reports it with the memory figures
+                raise
             raise NanofastError(f"cannot read tensor {name} ({e})") from None
 
     def linear(*names):  # projections stacked -> (weight, fp8 block scales or None)
@@ -1646,6 +1653,40 @@ def check_prompt(n: int, max_seq_len: int):
                             "raise --max-seq-len")
 
 
+# Memory: what a run will hold, from config.json alone, is set against what its device has free
+# before anything large is allocated, so that a run that cannot fit stops with one line.
+GIB = 2 ** 30
+
+
+def memory_needed(cfg: Config, dtype: torch.dtype, max_seq_len: int, keep_fp8: bool) -> tuple:
+    """(weights, KV cache, activations) in bytes on the device. Weights as load_weights leaves them: kept
+    fp8, a projection is 1 byte a value plus fp32 block scales; the rest dtype; a tied lm_head once. The
+    KV cache includes the RoPE tables. Activations: one 4096-token prefill chunk (and a dequantized matrix)."""
+    n, D, I, hd = dtype.itemsize, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    weights = 0
+    for name, shape in checkpoint_shapes(cfg).items():
+        if keep_fp8 and name.endswith("_proj.weight"):
+            weights += math.prod(shape) + 4 * math.prod(-(-k // FP8_BLOCK) for k in shape)
+        elif not name.endswith("scale_inv") and not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            weights += math.prod(shape) * n
+    cache = max_seq_len * (2 * cfg.num_layers * cfg.num_kv_heads * hd * n + 4 * hd)
+    acts = min(max_seq_len, 4096) * (5 * D + 2 * (cfg.num_heads + cfg.num_kv_heads) * hd + 3 * I) * n
+    return weights, cache, acts + (2 * I * D * n if keep_fp8 else 0)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on device now: the CUDA driver's free count; on the CPU Linux's
+    MemAvailable, else all of RAM (an upper bound, so only what can never fit is refused); else None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
 class Engine:
     """A loaded model with its KV cache: prefill, step and generate.
 
@@ -1672,15 +1713,35 @@ class Engine:
         self.weight_format = "fp8" if self.fp8 else str(self.dtype).replace("torch.", "")
         # fp8 stays fp8 on CUDA; its kernels stack matrices, so rows come in whole 128-blocks
         rows = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim)
-        keep_fp8 = self.fp8 and self.device.type == "cuda" and all(n % FP8_BLOCK == 0 for n in rows)
-        self.weights = load_weights(model_dir, c, self.dtype, self.device, quantize == "fp8", keep_fp8,
-                                    progress=verbose and sys.stderr.isatty())
-        self.cache = KVCache(self.cfg, max_seq_len, page_size, self.dtype, self.device)
-        self.rope = rope_tables(self.cfg, max_seq_len, self.device)
+        fp8_fits = self.device.type == "cuda" and all(n % FP8_BLOCK == 0 for n in rows)
+        keep_fp8 = self.fp8 and fp8_fits
+        (weights, cache, acts), free = memory_needed(c, self.dtype, max_seq_len, keep_fp8), free_memory(self.device)
+        need, self.weight_bytes = weights + cache + acts, weights
+        # what would make it fit: as many tokens as 90% of free memory holds, smaller weights, a smaller model
+        fit = ((free or 0) * 9 // 10 - weights - acts) // (cache // max_seq_len) // page_size * page_size
+        fixes = [f"a --max-seq-len of at most {fit}" if fit < max_seq_len else "a smaller --max-seq-len"] * (fit >= 2)
+        fixes += ["--quantize fp8"] * (fp8_fits and not self.fp8) + ["--dtype bfloat16"] * (self.dtype == torch.float32)
+        room = (f"the run needs {need / GIB:.2f} GiB (weights {weights / GIB:.2f} + KV cache {cache / GIB:.2f} + "
+                f"activations {acts / GIB:.2f}) and {'?' if free is None else f'{free / GIB:.2f}'} GiB is free; "
+                f"try {' or '.join(fixes + ['a smaller model'])}")
+        if free is not None and need > free:
+            raise NanofastError(f"not enough memory on {self.device}: {room}")
         self.cached, self.stop_reason, self.stats = [], None, {}  # cached: the tokens whose K/V the cache holds
         self.max_seq_len, self.verbose, self.decoder = max_seq_len, verbose, None
-        if self.device.type == "cuda" and fast is not False:
-            self._start_fast()
+        stage = "loading the weights"  # where an allocation failed, should the estimate be off
+        try:
+            self.weights = load_weights(model_dir, c, self.dtype, self.device, quantize == "fp8", keep_fp8,
+                                        progress=verbose and sys.stderr.isatty())
+            stage = "allocating the KV cache"
+            self.cache = KVCache(self.cfg, max_seq_len, page_size, self.dtype, self.device)
+            self.rope = rope_tables(self.cfg, max_seq_len, self.device)
+            stage = "setting up the CUDA graph"
+            if self.device.type == "cuda" and fast is not False:
+                self._start_fast()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise NanofastError(f"out of memory on {self.device} {stage}: {room}") from None
 
     @property
     def fast(self) -> bool:
@@ -1713,10 +1774,9 @@ class Engine:
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             open(marker, "w").close()
-        gib = 2 ** 30
-        self._log(f"KV cache {self.cache.data.nbytes / gib:.2f} GiB for {self.max_seq_len} tokens; CUDA graph "
-                  f"captured in {time.perf_counter() - t0:.1f} s; GPU memory in use "
-                  f"{torch.cuda.memory_reserved(self.device) / gib:.2f} GiB")
+        self._log(f"weights {self.weight_bytes / GIB:.2f} GiB, KV cache {self.cache.data.nbytes / GIB:.2f} GiB for "
+                  f"{self.max_seq_len} tokens; CUDA graph captured in {time.perf_counter() - t0:.1f} s; GPU memory "
+                  f"in use {torch.cuda.memory_reserved(self.device) / GIB:.2f} GiB")
 
     def forward(self, ids, pos: int, last_only: bool = False):  # plain path -> fp32 logits (T, V) or (1, V)
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
@@ -1937,7 +1997,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                   fast=not args.plain, quantize=args.quantize)
-    print(f"[nanofast] loaded {args.model} on {device} ({engine.weight_format} weights, "
+    print(f"[nanofast] loaded {args.model} on {device} ({engine.weight_format} weights "
+          f"{engine.weight_bytes / GIB:.2f} GiB, KV cache {engine.cache.data.nbytes / GIB:.2f} GiB, "
           f"{str(engine.dtype).replace('torch.', '')} activations, "
           f"{'CUDA graph' if engine.fast else 'plain torch'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     defaults = tokenizer.generation  # generation_config.json, for the sampling options not given
@@ -2024,8 +2085,10 @@ def main(argv=None) -> int:
         return run(args)
     except NanofastError as e:
         print(f"error: {e}", file=sys.stderr)
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --max-seq-len or use a smaller model", file=sys.stderr)
+    except Exception as e:  # out of memory while generating: a long prompt's activations, say
+        if not is_out_of_memory(e):
+            raise
+        print("error: out of memory while generating; try a shorter prompt or a smaller model", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

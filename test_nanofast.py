@@ -668,13 +668,16 @@ def test_config_released(tmp_path, name, tied):
 
 @contextlib.contextmanager
 def raises_one_line(*needles):
-    """The block raises NanofastError with a one-line message that contains every needle."""
+    """The block raises NanofastError with a one-line message that contains every needle
+    (`with raises_one_line() as got:` leaves the message in got[0])."""
+    got = []
     with pytest.raises(nanofast.NanofastError) as e:
-        yield
+        yield got
     msg = str(e.value)
     assert msg.strip() and "\n" not in msg, repr(msg)
     for needle in needles:
         assert needle in msg, f"{needle!r} not in {msg!r}"
+    got.append(msg)
 
 
 @pytest.mark.parametrize("change", [
@@ -959,6 +962,10 @@ def _latin1_file(tmp):
     return f
 
 
+# a --max-seq-len whose KV cache no machine holds (175 TiB for small_ckpt, at 192 bytes a token)
+BEYOND_MEMORY = 10 ** 12
+MEMORY_NEEDLES = ("not enough memory on cpu", "GiB is free", "KV cache", "--max-seq-len")
+
 # the broken checkpoints among the required cases
 SUBPROCESS_WEIGHTS = {"missing-tensor", "unexpected-tensor", "misshaped-tensor", "truncated-file", "garbage-file",
                       "missing-shard"}
@@ -984,6 +991,11 @@ CLI_ERRORS = {
     "prompt-file-missing": CliError(("--prompt-file", lambda tmp: tmp / "missing.txt"), subprocess=True),
     "no-prompt": CliError(args=(), subprocess=True),
     "prompt-too-long": CliError(flags=("--prompt", "word " * 200, "--max-seq-len", "64"), tok=True, subprocess=True),
+    # issue 27: refused before loading, in one line with the figures (see "memory" for the checks in-process)
+    "max-seq-len-beyond-memory": CliError(flags=("--max-seq-len", BEYOND_MEMORY), tok=True, needles=MEMORY_NEEDLES,
+                                          subprocess=True),
+    "chat-max-seq-len-beyond-memory": CliError(args=("--chat",), flags=("--max-seq-len", BEYOND_MEMORY), tok=True,
+                                               needles=MEMORY_NEEDLES, subprocess=True),
     # more bad flags and prompts, through nanofast.main in this process
     **{name: CliError(flags=flags) for name, flags in {
         "temperature-nan": ("--temperature", "nan"),
@@ -1189,6 +1201,16 @@ def test_cli_quantize_fp8(cli_runs, tok_dir):
     assert "fp8 weights" in r.stderr and j["timings"]["weights"] == "fp8"
     eng = load_engine(tok_dir, quantize="fp8")
     assert list(eng.generate(j["prompt_ids"], max_new_tokens=9, temperature=0.0, stop_ids=EOS_IDS)) == j["generated_ids"]
+
+
+@requires_qwen3_files
+def test_cli_load_line_reports_memory(cli_runs, tok_dir):
+    # where the memory goes: the weights' GiB (as the memory check counts them) and the KV cache's (4096 tokens)
+    line = next(x for x in cli_runs["text"].stderr.splitlines() if x.startswith("[nanofast] loaded"))
+    cfg = nanofast.load_config(str(tok_dir))
+    weights = nanofast.memory_needed(cfg, torch.float32, 4096, False)[0]
+    kv = 4096 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, float32
+    assert f"(float32 weights {weights / 2 ** 30:.2f} GiB, KV cache {kv / 2 ** 30:.2f} GiB, " in line, line
 
 
 @requires_qwen3_files
@@ -1409,6 +1431,154 @@ def test_load_rejects_bad_fp8(tmp_path, small_ckpt, edit, needles):
 def test_quantize_option_rejects_other_formats(small_ckpt):
     with raises_one_line("int4"):
         load_engine(small_ckpt, quantize="int4")
+
+
+# -----------------------------------------------------------------------------
+# memory (issue 27): a run that cannot fit is refused before anything large is allocated, and
+# an allocation that fails anyway becomes the same kind of one-line error
+
+
+MEMORY_LINE = re.compile(r"needs (\d+\.\d\d) GiB \(weights (\d+\.\d\d) \+ KV cache (\d+\.\d\d) \+ activations "
+                         r"(\d+\.\d\d)\) and (\d+\.\d\d) GiB is free")
+
+
+def no_large_allocations(monkeypatch):
+    """-> the list of calls to the functions that allocate the weights, the KV cache and the RoPE tables,
+    each of which raises: a memory check made after them fails the test."""
+    calls = []
+
+    def refuse(name):
+        def called(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called before the memory check")
+        return called
+    for name in ("load_weights", "KVCache", "rope_tables"):
+        monkeypatch.setattr(nanofast, name, refuse(name))
+    return calls
+
+
+def check_memory_figures(message, cfg, dtype=torch.float32):
+    """The figures of a "not enough memory" line: they add up, the KV cache's is BEYOND_MEMORY tokens'
+    and exceeds what is free, and the --max-seq-len suggested fits where the one asked for did not."""
+    figures = MEMORY_LINE.search(message).groups()
+    assert figures[2] == f"{nanofast.memory_needed(cfg, dtype, BEYOND_MEMORY, False)[1] / 2 ** 30:.2f}"
+    need, weights, cache, acts, free = (float(x) for x in figures)
+    assert abs(weights + cache + acts - need) <= 0.02 and need > free > 0
+    fit = int(re.search(r"--max-seq-len of at most (\d+)", message).group(1))
+    assert 0 < fit < BEYOND_MEMORY and fit * cache / BEYOND_MEMORY < free
+
+
+def test_beyond_memory_refused_before_loading(small_ckpt, monkeypatch):
+    calls = no_large_allocations(monkeypatch)
+    with raises_one_line(*MEMORY_NEEDLES) as got:
+        load_engine(small_ckpt, max_seq_len=BEYOND_MEMORY)
+    assert calls == []
+    check_memory_figures(got[0], nanofast.load_config(str(small_ckpt)))
+
+
+@pytest.mark.parametrize("mode", [HI, ("--chat",)], ids=["one-shot", "chat"])
+def test_cli_beyond_memory_refused_before_loading(tok_dir, monkeypatch, capsys, mode):
+    calls = no_large_allocations(monkeypatch)
+    rc, out, err = _main(["--model", tok_dir, *mode, *OK, "--max-seq-len", BEYOND_MEMORY], capsys)
+    _assert_cli_error(rc, out, err, MEMORY_NEEDLES)
+    assert calls == []
+    check_memory_figures(err, nanofast.load_config(str(tok_dir)))
+
+
+def test_suggested_max_seq_len_fits(small_ckpt, monkeypatch):
+    """With free memory set so that 90% of it (what the suggestion may use) holds a 10,000-token
+    run, the line suggests 10,000 tokens (to a page), and the suggestion loads."""
+    cfg = nanofast.load_config(str(small_ckpt))
+    need = sum(nanofast.memory_needed(cfg, torch.float32, 10_000, False))
+    monkeypatch.setattr(nanofast, "free_memory", lambda device: need * 10 // 9 + 10)
+    with raises_one_line("not enough memory", "--max-seq-len of at most") as got:
+        load_engine(small_ckpt, max_seq_len=1_000_000)
+    fit = int(re.search(r"at most (\d+)", got[0]).group(1))
+    assert fit % 16 == 0 and 10_000 - 16 <= fit <= 10_000, fit  # 16: the page size
+    assert load_engine(small_ckpt, max_seq_len=fit).max_seq_len == fit
+
+
+def weights_nbytes(w):  # every distinct tensor of a nanofast.Weights (a tied lm_head is the embedding)
+    tensors = [w.embed, w.norm, w.lm_head, *(t for L in w.layers for t in vars(L).values() if t is not None)]
+    return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("load", ["dense", "quantize-kept-fp8", "fp8-checkpoint-kept", "fp8-checkpoint-dequantized"])
+@pytest.mark.parametrize("ckpt", ["tied", "untied"])
+def test_memory_estimate_is_what_loads(small_ckpt, sharded_small, tmp_path, ckpt, load, dtype):
+    """memory_needed's weights are exactly the bytes load_weights leaves (fp8 kept: 1 byte a value plus fp32
+    scales, as on CUDA), and its KV cache is exactly the KVCache's plus the RoPE tables."""
+    d = small_ckpt if ckpt == "tied" else sharded_small
+    if load.startswith("fp8-checkpoint"):
+        d, _ = make_fp8_checkpoint(d, tmp_path / "fp8")
+    cfg, keep_fp8 = nanofast.load_config(str(d)), load.endswith("kept")
+    w = nanofast.load_weights(str(d), cfg, dtype, "cpu", quantize=load.startswith("quantize"), keep_fp8=keep_fp8)
+    assert (w.layers[0].qkv.dtype == torch.float8_e4m3fn) == keep_fp8
+    weights, cache, _ = nanofast.memory_needed(cfg, dtype, 256, keep_fp8)
+    assert weights == weights_nbytes(w)
+    kv, rope = nanofast.KVCache(cfg, 256, 16, dtype, "cpu"), nanofast.rope_tables(cfg, 256, "cpu")
+    assert cache == kv.data.nbytes + rope[0].nbytes + rope[1].nbytes
+
+
+class FailingHandle:
+    """A safetensors handle whose tensors cannot be read, as when the allocator gives up."""
+
+    def __init__(self, handle, error):
+        self.handle, self.error = handle, error
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def get_tensor(self, name):
+        raise self.error
+
+
+CPU_ALLOCATOR_ERROR = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                   "memory: you tried to allocate 1024000000000 bytes. Error code 12")
+ALLOCATION_ERRORS = {"cpu-allocator": CPU_ALLOCATOR_ERROR, "memory-error": MemoryError(),
+                     "windows-allocator": RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate "
+                                                       "1024000000000 bytes."),
+                     "os-enomem": OSError(12, "Cannot allocate memory"),
+                     "cuda-oom": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee docs")}
+
+
+def fail_allocation(monkeypatch, where, error):
+    """Make the allocation at where (weights, cache or generate) raise error."""
+    if where == "weights":
+        import safetensors
+        real = safetensors.safe_open
+        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **kw: FailingHandle(real(*a, **kw), error))
+    else:
+        def fail(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(nanofast, {"cache": "KVCache", "generate": "forward"}[where], fail)
+
+
+@pytest.mark.parametrize("error", list(ALLOCATION_ERRORS))
+@pytest.mark.parametrize("where,stage", [("weights", "loading the weights"), ("cache", "allocating the KV cache")])
+def test_out_of_memory_while_loading(small_ckpt, monkeypatch, where, stage, error):
+    fail_allocation(monkeypatch, where, ALLOCATION_ERRORS[error])
+    with raises_one_line(f"out of memory on cpu {stage}", "GiB is free", "a smaller model") as got:
+        load_engine(small_ckpt)
+    assert MEMORY_LINE.search(got[0])
+
+
+def test_other_errors_while_loading_are_not_memory(small_ckpt, monkeypatch):
+    fail_allocation(monkeypatch, "cache", RuntimeError("some bug"))
+    with pytest.raises(RuntimeError, match="some bug"):
+        load_engine(small_ckpt)
+
+
+@pytest.mark.parametrize("where,needle", [("weights", "loading the weights"), ("cache", "allocating the KV cache"),
+                                          ("generate", "out of memory while generating")])
+def test_cli_out_of_memory(tok_dir, monkeypatch, capsys, where, needle):
+    fail_allocation(monkeypatch, where, CPU_ALLOCATOR_ERROR)
+    rc, out, err = _main(["--model", tok_dir, *HI, *OK], capsys)
+    if where == "generate":  # the model loaded and said so first
+        loaded, err = err.split("\n", 1)
+        assert loaded.startswith("[nanofast] loaded")
+    _assert_cli_error(rc, out, err, ("out of memory", needle))
 
 
 # -----------------------------------------------------------------------------
@@ -2159,3 +2329,35 @@ def test_fast_cli_seed_repeats_across_processes(tmp_path, tokenizer_json):
     ids = [json.loads(r.stdout.strip().splitlines()[-1])["generated_ids"] for r in runs]
     assert len(ids[0]) == 150 and len(set(ids[0])) > 20
     assert ids[0] == ids[1], f"first differing token at {first_divergence(*ids)}"
+
+
+@requires_cuda
+def test_gpu_beyond_memory_refused_before_loading(tmp_path, monkeypatch):
+    """On CUDA, a max_seq_len whose KV cache is twice what the card has free is refused before
+    anything is loaded, with the driver's free figure; and where the estimate is off (free memory
+    faked), the KV cache's real out-of-memory error becomes the same kind of line."""
+    d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
+    cfg = nanofast.load_config(str(d))
+    free = torch.cuda.mem_get_info()[0]
+    too_many = 2 * free // nanofast.memory_needed(cfg, torch.bfloat16, 1, False)[1]
+    allocated = torch.cuda.memory_allocated()
+    with monkeypatch.context() as m:
+        calls = no_large_allocations(m)
+        with raises_one_line("not enough memory on cuda", "GiB is free", "--max-seq-len of at most") as got:
+            nanofast.load(str(d), device="cuda", max_seq_len=too_many, verbose=False)
+    assert calls == [] and torch.cuda.memory_allocated() == allocated
+    assert abs(float(MEMORY_LINE.search(got[0]).group(5)) - free / 2 ** 30) < 0.5
+    monkeypatch.setattr(nanofast, "free_memory", lambda device: 2 ** 60)  # the estimate says it fits
+    with raises_one_line("out of memory on cuda allocating the KV cache", "GiB is free"):
+        nanofast.load(str(d), device="cuda", max_seq_len=too_many, verbose=False)
+    torch.cuda.empty_cache()
+
+
+@requires_cuda
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_gpu_weight_bytes_are_what_loads(tmp_path, quantize):
+    # the estimate the memory check uses, against the weights on the card (fp8 kept as fp8 there)
+    d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=64, quantize=quantize, fast=False, verbose=False)
+    assert (engine.weights.layers[0].qkv.dtype == torch.float8_e4m3fn) == (quantize == "fp8")
+    assert engine.weight_bytes == weights_nbytes(engine.weights)
