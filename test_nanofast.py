@@ -2316,6 +2316,22 @@ def test_fast_seeded_runs_repeat(seed_engine, setting):
     assert list(engine.generate(prompt, max_new_tokens=200, **dict(kw, seed=2))) != first
 
 
+@requires_cuda
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_plain_seeded_runs_repeat_on_gpu(tmp_path, quantize):
+    """The plain path on the GPU (bf16, and fp8 dequantized) repeats a seeded run, reset or not."""
+    d = make_checkpoint(tmp_path / "ckpt", **dict(_GPU, hidden=1536, layers=3, heads=12, kv_heads=4,
+                                                  intermediate=4096))
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=240, quantize=quantize, fast=False, verbose=False)
+    kw = dict(SEED_SETTINGS["generation_config"], seed=1, max_new_tokens=120)
+    prompt = random_prompt(37, seed=3)
+    first = list(engine.generate(prompt, **kw))
+    assert len(set(first)) > 20
+    assert list(engine.generate(prompt, **kw)) == first
+    engine.reset()
+    assert list(engine.generate(prompt, **kw)) == first
+
+
 @requires_fast
 @requires_qwen3_files
 def test_fast_cli_seed_repeats_across_processes(tmp_path, tokenizer_json):
