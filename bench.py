@@ -680,10 +680,13 @@ def bench_nanofast(name, model_dir, device, args, cfg, contexts, ttft_prompts, b
                                                    "baseline_runs": runs["baseline_fp8"]}
         print(f"  decode ctx {ctx}: " + ", ".join(f"{label} {fmt(median(xs), '.1f')} tok/s ({fmt(spread(xs), '.1f')})"
                                                   for label, xs in runs.items()), flush=True)
-    runs = side_by_side(f"{name} sampling", {"new": engine}, random_prompt(int(base), V), T, args.runs,
-                        "decode_tok_s", **SAMPLING)
+    runs = side_by_side(f"{name} sampling", engines, random_prompt(int(base), V), T, args.runs,
+                        "decode_tok_s", **SAMPLING)  # every engine: the A/Bs compare sampling too
     res["sampling"] = s = {"tok_s": median(runs["new"]), "spread": spread(runs["new"]),
                            "runs": runs["new"]} if runs.get("new") else None
+    for out, a, b in ((res.get("baseline"), "baseline", "new"), (res.get("fp8", {}).get("baseline"), "baseline_fp8", "fp8")):
+        if out is not None and a in runs and b in runs:
+            out["sampling"] = ab(runs, a, b, ("baseline_tok_s", "new_tok_s"))
     if s and dec.get(base, {}).get("tok_s"):
         s["overhead_pct"] = 100 * (dec[base]["tok_s"] / s["tok_s"] - 1)  # extra time per token
     res["ttft_s"], res["ttft_spread_s"] = {}, {}
@@ -730,6 +733,11 @@ def print_ab(r, title, a, b, *cols):
     ms = lambda k: f"{fmt(t.get(k), '.2f', 1e3, ' ms')} ({fmt(t.get(k + '_spread'), '.2f', 1e3)})"  # noqa: E731
     print(f"  time to first token, {AB_TTFT} tokens: {a} {ms(a)}, {b} {ms(b)}; {b}/{a} "
           f"{fmt(t.get('ratio'), '.3f', 1, 'x')} ({fmt(t.get('ratio_spread'), '.3f')})")
+    s = r.get("sampling")
+    if s:
+        print(f"  sampling (t 0.6, top-k 20, top-p 0.95, first context): {a} "
+              f"{fmt(s['baseline_tok_s'], '.1f')} tok/s, {b} {fmt(s['new_tok_s'], '.1f')} tok/s; {b}/{a} "
+              f"{fmt(s['ratio'], '.3f', 1, 'x')} ({fmt(s['ratio_spread'], '.3f')})")
 
 
 def print_table(name, r, args):
