@@ -472,41 +472,65 @@ def test_nan_weights_never_pass(tmp_path, tied_case):
 
 
 # -----------------------------------------------------------------------------
-# generate: stopping
+# generate: the behaviours every decode path shares (the plain path here; the CUDA graph too on
+# a GPU), through the public API. Each test loads its own engines, since generating changes them.
+
+
+class DecodePath(NamedTuple):
+    name: str
+    load: Callable  # load(**engine options) -> a new Engine on this path, for this path's checkpoint
+    prompt: list
+    greedy: list  # greedy tokens after prompt: transformers' (plain), the path's own (fast)
+    exact: bool  # greedy tokens are the same whether the cache was filled by prefill or by decode steps
+
+
+@pytest.fixture(params=["plain", pytest.param("fast", marks=requires_fast)])
+def decode_path(request):
+    if request.param == "plain":
+        case = request.getfixturevalue("tied_case")
+        return DecodePath("plain", lambda **kw: load_engine(case["dir"], page_size=4, **kw), case["prompt"],
+                          case["greedy"], exact=True)
+    case = request.getfixturevalue("fast_path_case")
+    return DecodePath("fast", lambda **kw: nanofast.load(str(case["dir"]), device="cuda", verbose=False,
+                                                         **{"max_seq_len": 128, **kw}),
+                      case["prompt"], case["greedy"], exact=False)
 
 
 def test_tied_case_reference(tied_case):
     _check_reference(tied_case["greedy"], tied_case["logits"])
 
 
-def test_stop_on_eos_id(tied_case):
-    g = tied_case["greedy"]
-    i = next(i for i in range(3, len(g)) if g[i] not in g[:i])
-    eng = load_engine(tied_case["dir"])
-    got = list(eng.generate(tied_case["prompt"], max_new_tokens=30, temperature=0.0, stop_ids=[g[i], 151645]))
+def test_stop_on_eos_id(decode_path):
+    g = decode_path.greedy
+    i = next(i for i in range(3, len(g)) if g[i] not in g[:i])  # a token first produced at step i >= 3
+    eng = decode_path.load()
+    got = list(eng.generate(decode_path.prompt, max_new_tokens=len(g), temperature=0.0, stop_ids=[g[i], 151645]))
     assert got == g[:i + 1]  # the stop id is yielded, then generation ends
-    assert eng.stop_reason == "eos"
-    assert eng.stats["generated_tokens"] == i + 1
+    assert eng.stop_reason == "eos" and eng.stats["generated_tokens"] == i + 1
+    # the next generation starts clean (the CUDA graph ran ahead of the stop)
+    assert list(eng.generate(decode_path.prompt, max_new_tokens=len(g), temperature=0.0)) == g
 
 
-def test_stop_at_max_new_tokens(tied_case):
-    eng = load_engine(tied_case["dir"])
-    for n in (1, 2, 7):
-        got = list(eng.generate(tied_case["prompt"], max_new_tokens=n, temperature=0.0))
-        assert got == tied_case["greedy"][:n]
-        assert eng.stop_reason == "max_new_tokens"
-        assert eng.stats["prompt_tokens"] == PROMPT_LEN and eng.stats["generated_tokens"] == n
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_stop_at_max_new_tokens(decode_path, n):
+    eng = decode_path.load()
+    got = list(eng.generate(decode_path.prompt, max_new_tokens=n, temperature=0.0))
+    assert got == decode_path.greedy[:n] and eng.stop_reason == "max_new_tokens"
+    assert (eng.stats["prompt_tokens"], eng.stats["generated_tokens"]) == (len(decode_path.prompt), n)
 
 
-@pytest.mark.parametrize("max_seq_len", [30, 32])
-def test_stop_at_full_cache(tied_case, max_seq_len):
-    eng = load_engine(tied_case["dir"], max_seq_len=max_seq_len, page_size=4)
-    got = list(eng.generate(tied_case["prompt"], max_new_tokens=100, temperature=0.0))
-    room = max_seq_len - PROMPT_LEN
-    assert len(got) in (room, room + 1)  # room + 1: the last token needs no cache slot
-    assert got == tied_case["greedy"][:len(got)]
-    assert eng.stop_reason == "cache_full"
-    assert eng.stats["generated_tokens"] == len(got)
+@pytest.mark.parametrize("room", [19, 21])  # plain: max_seq_len 30 and 32, pages of 4
+def test_stop_at_full_cache(decode_path, room):
+    """With max_seq_len = prompt + room, generation yields exactly room tokens: the prompt and all
+    of them but the last fill the cache, and the last needs no slot. Not one more, not one fewer."""
+    P = len(decode_path.prompt)
+    eng = decode_path.load(max_seq_len=P + room)
+    got = list(eng.generate(decode_path.prompt, max_new_tokens=100, temperature=0.0))
+    assert len(got) == room and got == decode_path.greedy[:room]
+    assert eng.stop_reason == "cache_full" and eng.stats["generated_tokens"] == room
+    # a max_new_tokens that fits stops there, not at the cache
+    assert list(eng.generate(decode_path.prompt, max_new_tokens=room - 1, temperature=0.0)) == got[:-1]
+    assert eng.stop_reason == "max_new_tokens"
 
 
 def test_prompt_that_fills_the_cache_is_rejected(tied_case):
@@ -515,22 +539,95 @@ def test_prompt_that_fills_the_cache_is_rejected(tied_case):
         list(eng.generate(tied_case["prompt"], max_new_tokens=4))
 
 
-def test_interrupted(tied_case):
-    eng = load_engine(tied_case["dir"])
-    it = eng.generate(tied_case["prompt"], max_new_tokens=20, temperature=0.0)
-    assert [next(it) for _ in range(3)] == tied_case["greedy"][:3]
+# the CLI's words for bad sampling settings, which the API uses too
+BAD_TEMPERATURE = "--temperature must be a finite number >= 0"
+BAD_TOP_K = "--top-k must be an integer >= 0"
+BAD_TOP_P = "--top-p must be in (0, 1]"
+BAD_MAX_NEW_TOKENS = "--max-new-tokens must be an integer >= 1"
+BAD_SETTINGS = {  # name: (generate's keyword arguments, the error's words)
+    "temperature-negative": (dict(temperature=-1.0), BAD_TEMPERATURE),
+    "temperature-nan": (dict(temperature=math.nan), BAD_TEMPERATURE),
+    "temperature-inf": (dict(temperature=math.inf), BAD_TEMPERATURE),
+    "top-k-negative": (dict(temperature=1.0, top_k=-3), BAD_TOP_K),
+    "top-k-fraction": (dict(temperature=1.0, top_k=2.5), BAD_TOP_K),
+    "top-p-above-one": (dict(temperature=1.0, top_p=1.5), BAD_TOP_P),
+    "top-p-zero": (dict(temperature=1.0, top_p=0.0), BAD_TOP_P),
+    "top-p-nan": (dict(temperature=1.0, top_p=math.nan), BAD_TOP_P),
+    "top-p-above-one-greedy": (dict(top_p=1.5), BAD_TOP_P),  # checked even where greedy would ignore it
+    "max-new-tokens-zero": (dict(max_new_tokens=0), BAD_MAX_NEW_TOKENS),
+    "max-new-tokens-negative": (dict(max_new_tokens=-5), BAD_MAX_NEW_TOKENS),
+}
+
+
+def _generate_rejects(engine, prompt, kw, words):
+    """generate(prompt, **kw) raises NanofastError with words; the engine still works afterwards."""
+    with raises_one_line(words):
+        list(engine.generate(prompt, **{"max_new_tokens": 4, **kw}))
+    assert len(list(engine.generate(prompt, max_new_tokens=2, temperature=0.0))) == 2
+
+
+@pytest.mark.parametrize("name", list(BAD_SETTINGS))
+def test_generate_rejects_bad_settings(decode_path, name):
+    kw, words = BAD_SETTINGS[name]
+    _generate_rejects(decode_path.load(), decode_path.prompt, kw, words)
+
+
+@pytest.fixture(scope="session")
+def nf_tokenizer(tok_dir):  # nanofast's Tokenizer for tok_dir (it reads nothing after loading)
+    return nanofast.Tokenizer(str(tok_dir))
+
+
+@requires_qwen3_files
+@pytest.mark.parametrize("name", list(BAD_SETTINGS))
+def test_chat_rejects_bad_settings(tok_dir, nf_tokenizer, name):
+    kw, words = BAD_SETTINGS[name]
+    with raises_one_line(words):
+        list(nanofast.Chat(load_engine(tok_dir), nf_tokenizer, **{"max_new_tokens": 4, **kw}).send("Hi"))
+
+
+def test_interrupted(decode_path):
+    eng = decode_path.load()
+    it = eng.generate(decode_path.prompt, max_new_tokens=20, temperature=0.0)
+    assert [next(it) for _ in range(3)] == decode_path.greedy[:3]
     it.close()
-    assert eng.stop_reason == "interrupted"
+    assert eng.stop_reason == "interrupted" and eng.stats["generated_tokens"] == 3
+    assert list(eng.generate(decode_path.prompt, max_new_tokens=10, temperature=0.0)) == decode_path.greedy[:10]
 
 
-def test_seeded_generate_is_repeatable(tied_case):
-    eng = load_engine(tied_case["dir"])
-    kw = dict(max_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0)
-    a = list(eng.generate(tied_case["prompt"], seed=1234, **kw))
-    b = list(eng.generate(tied_case["prompt"], seed=1234, **kw))
-    c = list(eng.generate(tied_case["prompt"], seed=4321, **kw))
-    assert a == b and len(a) == 24
-    assert a != c
+def test_seeded_generate_is_repeatable(decode_path):
+    """A seed repeats a sampled run, on the same engine and on a new one; another seed changes it."""
+    def run(engine, seed):
+        return list(engine.generate(decode_path.prompt, max_new_tokens=24, temperature=8.0, top_k=50, seed=seed))
+
+    eng = decode_path.load()
+    a = run(eng, 1234)
+    assert len(a) == 24 and a != decode_path.greedy[:24]
+    assert run(eng, 1234) == a and run(decode_path.load(), 1234) == a
+    assert run(eng, 4321) != a
+
+
+def test_prefix_reuse(decode_path):
+    """Three turns on one engine: turns 2 and 3 prefill only the tokens the cache lacks, and give a
+    fresh engine's greedy ids; then a history edited in the middle is prefilled from the edit on."""
+    eng, fresh = decode_path.load(), decode_path.load()
+    ids, held = list(decode_path.prompt), 0
+    for turn in range(3):
+        out = list(eng.generate(ids, max_new_tokens=6, temperature=0.0))
+        assert (eng.stats["reused_tokens"], eng.stats["prefilled_tokens"]) == (held, len(ids) - held)
+        fresh.reset()
+        if decode_path.exact:  # (bf16 on the fast path: the rows cached by decode steps differ in the last bits)
+            assert out == list(fresh.generate(ids, max_new_tokens=6, temperature=0.0))
+        held = len(ids) + len(out) - 1  # the last token never went through the model
+        ids = ids + out + random_prompt(5, seed=turn)  # the next turn: the whole history and new tokens
+    if decode_path.exact:
+        fresh.reset()
+        assert_logits_close(eng.prefill(ids), fresh.prefill(ids), "reused prefill")
+    edited = ids[:8] + random_prompt(12, seed=9)
+    out = list(eng.generate(edited, max_new_tokens=4, temperature=0.0))
+    assert (eng.stats["reused_tokens"], eng.stats["prefilled_tokens"]) == (8, 12)
+    fresh.reset()
+    if decode_path.exact:
+        assert out == list(fresh.generate(edited, max_new_tokens=4, temperature=0.0))
 
 
 # -----------------------------------------------------------------------------
@@ -1213,30 +1310,6 @@ def test_multi_turn_template_matches_released(hf_tok, system, think, turns):
     assert nanofast.Tokenizer.template(messages, think=think) == expected
 
 
-def test_prefix_reuse(tied_case):
-    """Three turns on one engine: turns 2 and 3 prefill only the tokens the cache lacks, with
-    the greedy ids and the logits of a fresh engine on the whole conversation; then a history
-    edited in the middle is prefilled from the edit on."""
-    eng, fresh = load_engine(tied_case["dir"], page_size=4), load_engine(tied_case["dir"], page_size=4)
-    ids, held = list(tied_case["prompt"]), 0
-    for turn in range(3):
-        out = list(eng.generate(ids, max_new_tokens=6, temperature=0.0))
-        assert (eng.stats["reused_tokens"], eng.stats["prefilled_tokens"]) == (held, len(ids) - held)
-        fresh.reset()
-        assert out == list(fresh.generate(ids, max_new_tokens=6, temperature=0.0))
-        assert eng.cached == ids + out[:-1]  # the last token never went through the model
-        held = len(ids) + len(out) - 1
-        ids = ids + out + random_prompt(5, seed=turn)  # the next turn: the whole history and new tokens
-    fresh.reset()
-    assert_logits_close(eng.prefill(ids), fresh.prefill(ids), "reused prefill")
-    edited = ids[:8] + random_prompt(12, seed=9)
-    assert eng.reusable(edited) == 8
-    fresh.reset()
-    assert list(eng.generate(edited, max_new_tokens=4, temperature=0.0)) == \
-        list(fresh.generate(edited, max_new_tokens=4, temperature=0.0))
-    assert (eng.stats["reused_tokens"], eng.stats["prefilled_tokens"]) == (8, 12)
-
-
 @requires_qwen3_files
 def test_chat_api(tok_dir):
     """Three turns through Chat: each prompt is the templated conversation, of which the engine
@@ -1857,7 +1930,9 @@ def test_fast_greedy_matches_plain(gpu_case):
     prompt = random_prompt(64, seed=11)
     fast = list(engine.generate(prompt, max_new_tokens=128, temperature=0.0))
     assert engine.stop_reason == "max_new_tokens" and len(fast) == 128
-    plain = list(engine._plain_tokens(prompt, 0, 128, 0.0, 0, 1.0, 0))
+    plain_engine = nanofast.load(str(d), device="cuda", max_seq_len=1024, fast=False, verbose=False)
+    plain = list(plain_engine.generate(prompt, max_new_tokens=128, temperature=0.0))
+    del plain_engine
     j = first_divergence(fast, plain)
     if j is not None:
         logits = engine.forward(prompt + plain[:j], 0)[-1]
@@ -1889,17 +1964,20 @@ def test_fast_decode_at_16k_context(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def fast_path_case(tmp_path_factory):
+    """decode_path's checkpoint for the fast path: the tiny shape, a prompt and 50 greedy tokens."""
+    d = make_checkpoint(tmp_path_factory.mktemp("gpu-paths"), **GPU_SHAPES["tiny"])
+    prompt = random_prompt(8, seed=2)
+    engine = nanofast.load(str(d), device="cuda", max_seq_len=128, verbose=False)
+    greedy = list(engine.generate(prompt, max_new_tokens=50, temperature=0.0))
+    del engine
+    return dict(dir=d, prompt=prompt, greedy=greedy)
+
+
+@pytest.fixture(scope="module")
 def tiny_fast(tmp_path_factory):
     d = make_checkpoint(tmp_path_factory.mktemp("gpu-small"), **GPU_SHAPES["tiny"])
     return nanofast.load(str(d), device="cuda", max_seq_len=64, verbose=False)
-
-
-@requires_fast
-def test_fast_stops_at_full_cache(tiny_fast):
-    prompt = random_prompt(40, seed=1)
-    out = list(tiny_fast.generate(prompt, max_new_tokens=100, temperature=0.0))
-    assert tiny_fast.stop_reason == "cache_full" and len(out) == 64 - 40
-    assert out == list(tiny_fast._plain_tokens(prompt, 0, 24, 0.0, 0, 1.0, 0))
 
 
 @requires_fast
