@@ -12,6 +12,7 @@ skip when that variable is unset; the model-math tests always run.
 CPU tests come first; GPU tests (marked requires_cuda) follow at the end of the file.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -714,6 +715,130 @@ def test_sample_distribution():
         assert abs(freq - p) < 0.035, (tok, freq, p)  # > 4 standard errors
 
 
+def sampling_probs(logits, T, top_k, top_p):
+    """{token: probability} of one draw with transformers' semantics: allowed_set's tokens, with
+    their probabilities at temperature T renormalized over the set (float64)."""
+    keep = sorted(allowed_set(logits, T, top_k, top_p))
+    return dict(zip(keep, torch.softmax(logits.double()[keep] / T, 0).tolist()))
+
+
+def top_p_is_ambiguous(logits, T, top_k, top_p):  # the cut moves within fp32 rounding of top_p
+    return top_p < 1 and allowed_set(logits, T, top_k, top_p - 1e-4) != allowed_set(logits, T, top_k, top_p + 1e-4)
+
+
+def chi2_p_value(draws, probs):
+    """Pearson's chi-square test of draws (token ids) against probs {token: p}: one bin per token
+    expected at least 5 times, one for the rest (merged into the last if that is expected < 5)."""
+    n, counts = len(draws), {}
+    for t in draws:
+        counts[t] = counts.get(t, 0) + 1
+    big = [t for t, p in probs.items() if p * n >= 5]
+    obs, exp = [counts.get(t, 0) for t in big], [probs[t] * n for t in big]
+    rest_obs, rest_exp = n - sum(obs), n - sum(exp)
+    if rest_exp >= 5 or not big:
+        obs, exp = obs + [rest_obs], exp + [rest_exp]
+    else:
+        obs[-1], exp[-1] = obs[-1] + rest_obs, exp[-1] + rest_exp
+    if len(obs) < 2:
+        return 1.0
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64),
+                                        torch.tensor(chi2 / 2, dtype=torch.float64)))
+
+
+# generate()'s sampling, as a user sees it: a checkpoint with a 512-token vocabulary (a draw costs
+# about a millisecond) whose logits have a std of ~8, so temperature 4 spreads the probability
+# over dozens of tokens (the top one gets 0.12; at temperature 1 it would get 0.96).
+SAMPLING_VOCAB = 512
+GENERATE_SAMPLING = {  # name: (temperature, top_k, top_p)
+    "temperature": (4.0, 0, 1.0),
+    "cool": (2.0, 0, 1.0),
+    "top-k": (4.0, 6, 1.0),
+    "top-p": (4.0, 0, 0.5),
+    "top-k-and-top-p": (4.0, 12, 0.6),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """For tests that run thousands of steps on tiny tensors: torch's second thread only adds a
+    hand-off to each op, which costs tens of ms a step on a busy 2-core machine (seen: 15 ms a
+    draw with two threads, 0.7 ms with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sampling_case(tmp_path_factory):
+    """The small-vocabulary checkpoint, a prompt, and the fp32 logits after the prompt."""
+    d = make_checkpoint(tmp_path_factory.mktemp("sampling"), vocab=SAMPLING_VOCAB)
+    prompt = torch.randint(0, SAMPLING_VOCAB, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    return dict(dir=d, prompt=prompt, logits=load_engine(d).forward(prompt, 0)[-1])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(GENERATE_SAMPLING))
+def test_generate_first_token_distribution(sampling_case, name):
+    """The first token of generate(..., seed=s) over 1500 seeds follows transformers' distribution for
+    the settings: nothing outside the allowed set, every token of it expected 20 times or more drawn
+    at least once (a correct draw misses one with probability e^-20), and a chi-square test. The test
+    data makes each setting matter: dropping any one (temperature 1, top_k 0, top_p 1) moves the
+    distribution by a total variation of at least 0.25 (seen: 0.35-0.84), which 1500 draws detect at
+    a chi-square p-value far below 1e-10; and each allowed set's least likely token, the one a cut
+    one place too early drops, is expected 25 times or more (seen: 30, top-p's p = 0.0199)."""
+    T, top_k, top_p = GENERATE_SAMPLING[name]
+    logits, prompt, n = sampling_case["logits"], sampling_case["prompt"], 1500
+    assert not top_p_is_ambiguous(logits, T, top_k, top_p)
+    probs = sampling_probs(logits, T, top_k, top_p)
+    for variant in {(1.0, top_k, top_p), (T, 0, top_p), (T, top_k, 1.0)} - {(T, top_k, top_p)}:
+        other = sampling_probs(logits, *variant)
+        tv = 0.5 * sum(abs(probs.get(t, 0) - other.get(t, 0)) for t in probs.keys() | other.keys())
+        assert tv >= 0.25, f"test data: {variant} is too close to {(T, top_k, top_p)} (total variation {tv:.3f})"
+    if top_k or top_p < 1:
+        assert min(probs.values()) * n >= 25, "test data: the least likely allowed token is too rare"
+    eng = load_engine(sampling_case["dir"])
+    draws = [list(eng.generate(prompt, max_new_tokens=1, temperature=T, top_k=top_k, top_p=top_p, seed=s))[0]
+             for s in range(n)]
+    outside = set(draws) - set(probs)
+    assert not outside, f"drew {sorted(outside)[:5]} outside the {len(probs)} allowed tokens"
+    missing = {t for t, p in probs.items() if p * n >= 20} - set(draws)
+    assert not missing, f"never drew {sorted(missing)[:5]}, each expected >= 20 times"
+    p_value = chi2_p_value(draws, probs)
+    assert p_value > 1e-3, p_value  # seeded: deterministic
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(GENERATE_SAMPLING))
+def test_generate_samples_every_step(sampling_case, name):
+    """300 tokens of one seeded generation: each is in the allowed set of the logits it was drawn
+    from (a teacher-forced forward of the output), and together they are as surprising as those
+    distributions say. Summed over the steps, the surprise -log p(token) of draws that follow them
+    has mean sum(H) and variance sum(Var) (H: each distribution's entropy), so
+    z = (surprise - sum H) / sqrt(sum Var) is about N(0, 1). Tokens drawn at temperature 1 instead
+    gave z from -7 to -15 here, uniform ones +45 and more; correct draws -1.7 to +0.6. |z| < 4.5
+    (seeded: deterministic)."""
+    T, top_k, top_p = GENERATE_SAMPLING[name]
+    n, prompt = 300, sampling_case["prompt"]
+    eng = load_engine(sampling_case["dir"], max_seq_len=512)
+    out = list(eng.generate(prompt, max_new_tokens=n, temperature=T, top_k=top_k, top_p=top_p, seed=1))
+    assert len(out) == n and eng.stop_reason == "max_new_tokens"
+    logits = eng.forward(prompt + out[:-1], 0)[len(prompt) - 1:]  # row i: the logits out[i] was drawn from
+    surprise = entropy = variance = 0.0
+    for i, tok in enumerate(out):
+        if top_p_is_ambiguous(logits[i], T, top_k, top_p):
+            continue
+        probs = sampling_probs(logits[i], T, top_k, top_p)
+        assert tok in probs, f"step {i}: token {tok} is outside the {len(probs)} allowed tokens"
+        logp = {t: math.log(p) for t, p in probs.items()}
+        h = -sum(p * logp[t] for t, p in probs.items())
+        surprise, entropy = surprise - logp[tok], entropy + h
+        variance += sum(p * logp[t] ** 2 for t, p in probs.items()) - h * h
+    z = (surprise - entropy) / math.sqrt(variance)
+    assert abs(z) < 4.5, f"surprise {surprise:.1f} against {entropy:.1f} +- {math.sqrt(variance):.1f} (z = {z:.1f})"
+
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -1141,7 +1266,7 @@ def test_cli_help(capsys):
 
 
 FILE_PROMPT = "line one\nline two 中文 😀\n  indented"
-SEEDED = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "7", "--ignore-eos"]
+SEEDED = ["--temperature", "3", "--top-k", "40", "--top-p", "0.6", "--seed", "7", "--ignore-eos"]
 
 
 @pytest.fixture(scope="session")
@@ -1240,7 +1365,7 @@ def test_cli_chat(cli_runs, tok_dir):
         if kind == "user":
             expected += "".join(chat.send(text)) + "\n"
         elif text.startswith("/think"):
-            chat.think = False
+            chat.think = text == "/think on"
         elif text.startswith("/system"):
             chat.system, chat.messages = "Be brief.", []
         elif text == "/reset":
@@ -1273,19 +1398,102 @@ def test_cli_quantize_fp8(cli_runs, tok_dir):
 
 @requires_qwen3_files
 def test_cli_raw_bf16(cli_runs, ref_tok):
-    j = _json(cli_runs["raw"])
+    r, j = cli_runs["raw"], _json(cli_runs["raw"])
     assert j["prompt_ids"] == ref_tok.encode("The capital of France is", add_special_tokens=False).ids
     assert 1 <= len(j["generated_ids"]) <= 2
+    # --dtype reaches the engine: the load line and the timings name the format (float32 without it)
+    assert "(bfloat16 weights, bfloat16 activations" in r.stderr and j["timings"]["weights"] == "bfloat16"
+    assert _json(cli_runs["json"])["timings"]["weights"] == "float32"
 
 
 @requires_qwen3_files
 def test_cli_seeded_sampling(cli_runs, tok_dir):
-    # the CLI passes its sampling flags through: the Python API with the same seed agrees
+    """The CLI passes its sampling flags through: the Python API with the same seed agrees, and
+    each flag matters (the released defaults, or the setting off, in its place give other ids)."""
     j = _json(cli_runs["seeded"])
     assert len(j["generated_ids"]) == 12 and j["stop_reason"] == "max_new_tokens"
     eng = load_engine(tok_dir)
-    again = list(eng.generate(j["prompt_ids"], max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7))
-    assert again == j["generated_ids"]
+
+    def api(T, k, p):
+        return list(eng.generate(j["prompt_ids"], max_new_tokens=12, temperature=T, top_k=k, top_p=p, seed=7))
+
+    assert api(3.0, 40, 0.6) == j["generated_ids"]
+    for other in [(0.6, 40, 0.6), (1.0, 40, 0.6), (3.0, 20, 0.6), (3.0, 0, 0.6), (3.0, 40, 0.95), (3.0, 40, 1.0)]:
+        assert api(*other) != j["generated_ids"], f"test data: {other} gives the same ids"
+
+
+def _cli_json(argv, capsys):  # nanofast.main(argv) in this process with --json -> (its object, stderr)
+    rc, out, err = _main([str(a) for a in argv] + ["--json"], capsys)
+    assert rc == 0 and "Traceback" not in err, err[-2000:]
+    return json.loads(out), err
+
+
+@requires_qwen3_files
+def test_cli_stops_at_eos_unless_ignore_eos(tok_dir, ref_tok, hf_tok, tmp_path, capsys):
+    """The CLI stops at generation_config.json's eos_token_id (printing it), and --ignore-eos runs
+    on to --max-new-tokens. The eos id here is a token the random model produces greedily at a
+    step >= 2, which the released eos ids never are."""
+    d = shutil.copytree(tok_dir, tmp_path / "ckpt")
+    prompt_ids = _template_ids(ref_tok, hf_tok, "Hello there")
+    greedy = list(load_engine(d).generate(prompt_ids, max_new_tokens=12, temperature=0.0))
+    j = next(i for i in range(2, 12) if greedy[i] not in greedy[:i])
+    edit_json(d / "generation_config.json", lambda g: g.update(eos_token_id=[151645, greedy[j]]))
+    argv = ["--model", d, "--device", "cpu", "--prompt", "Hello there", "--max-new-tokens", "12", "--temperature", "0"]
+    out, _ = _cli_json(argv, capsys)
+    assert out["generated_ids"] == greedy[:j + 1] and out["stop_reason"] == "eos"
+    out, _ = _cli_json(argv + ["--ignore-eos"], capsys)
+    assert out["generated_ids"] == greedy and out["stop_reason"] == "max_new_tokens"
+
+
+# generation_config.json's sampling fields; the (temperature, top_k, top_p) the CLI must then use; and
+# the settings of a CLI that ignored one of the fields, which the test data makes give other ids
+GENERATION_CONFIGS = {
+    "temperature": (dict(do_sample=True, temperature=2.0, top_k=0, top_p=1.0), (2.0, 0, 1.0),
+                    [(1.0, 0, 1.0), (0.0, 0, 1.0)]),
+    "top-k": (dict(do_sample=True, temperature=2.0, top_k=5, top_p=1.0), (2.0, 5, 1.0),
+              [(2.0, 0, 1.0), (1.0, 5, 1.0), (0.0, 0, 1.0)]),
+    "top-p": (dict(do_sample=True, temperature=2.0, top_k=0, top_p=0.5), (2.0, 0, 0.5),
+              [(2.0, 0, 1.0), (1.0, 0, 0.5), (0.0, 0, 1.0)]),
+    "top-k-1-is-greedy": (dict(do_sample=True, temperature=2.0, top_k=1, top_p=1.0), (0.0, 0, 1.0),
+                          [(2.0, 0, 1.0)]),
+    "no-sampling-is-greedy": (dict(do_sample=False, temperature=2.0, top_k=5, top_p=0.5), (0.0, 0, 1.0),
+                              [(2.0, 5, 0.5)]),
+}
+
+
+@requires_qwen3_files
+@pytest.mark.parametrize("name", list(GENERATION_CONFIGS))
+def test_cli_generation_config_defaults(tok_dir, ref_tok, hf_tok, tmp_path, capsys, name):
+    """Without sampling flags the CLI samples as generation_config.json says (do_sample, temperature,
+    top_k, top_p): its ids are the Python API's with those settings and the same seed, and not those
+    it would give with one of the fields ignored."""
+    fields, expected, ignored = GENERATION_CONFIGS[name]
+    d = shutil.copytree(tok_dir, tmp_path / "ckpt")
+    edit_json(d / "generation_config.json", lambda g: g.update(fields))
+    out, _ = _cli_json(["--model", d, "--device", "cpu", "--prompt", "Hello there", "--max-new-tokens", "12",
+                        "--seed", "3"], capsys)
+    eng, prompt_ids = load_engine(d), _template_ids(ref_tok, hf_tok, "Hello there")
+
+    def api(T, k, p):
+        return list(eng.generate(prompt_ids, max_new_tokens=12, temperature=T, top_k=k, top_p=p, seed=3))
+
+    assert out["generated_ids"] == api(*expected)
+    for other in ignored:
+        assert api(*other) != out["generated_ids"], f"test data: {other} gives the ids of {expected}"
+
+
+@requires_qwen3_files
+def test_cli_chat_think_on_and_off(tok_dir, ref_tok, hf_tok, monkeypatch, capsys):
+    """--no-think, then /think on, then /think off, each on a new conversation: each turn's prompt is
+    the released template with thinking as set (its length, from /stats, tells them apart)."""
+    script = "Hi\n/stats\n/think on\n/reset\nHi\n/stats\n/think off\n/reset\nHi\n/stats\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    rc, out, err = _main(["--model", tok_dir, "--device", "cpu", "--chat", "--no-think", "--max-new-tokens", "3",
+                          "--temperature", "0"], capsys)
+    assert rc == 0 and "Traceback" not in err, err[-2000:]
+    lengths = [int(n) for n in re.findall(r"prompt (\d+) tokens", err)]
+    off, on = (len(_template_ids(ref_tok, hf_tok, "Hi", think=think)) for think in (False, True))
+    assert off != on and lengths == [off, on, off], err
 
 
 # -----------------------------------------------------------------------------
