@@ -9,13 +9,16 @@ float32. Tests that need the Qwen3 tokenizer files (NANOFAST_QWEN3_FILES: the re
 tokenizer_config.json, vocab.json, merges.txt, generation_config.json, make_tokenizer.py)
 skip when that variable is unset; the model-math tests always run.
 
-CPU tests come first; GPU tests (marked requires_cuda) follow at the end of the file.
+CPU tests come first; GPU tests (marked requires_cuda) follow at the end of the file. The Triton
+kernels run under Triton's interpreter on the CPU; on Linux x86_64, where requirements-test.txt
+installs Triton, test_triton_is_installed fails without it (NANOFAST_TESTS_WITHOUT_TRITON=1 opts out).
 """
 import contextlib
 import io
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -42,10 +45,15 @@ import nanofast  # noqa: E402
 
 try:
     import triton  # noqa: F401
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
+    HAVE_TRITON, TRITON_IMPORT_ERROR = True, None
+except ImportError as e:
+    HAVE_TRITON, TRITON_IMPORT_ERROR = False, e
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# requirements-test.txt installs Triton on Linux x86_64 (CI): there, its absence is a broken setup,
+# which test_triton_is_installed reports as a failure rather than letting the kernel tests skip.
+# NANOFAST_TESTS_WITHOUT_TRITON=1 opts out (a machine meant to run without it).
+TRITON_EXPECTED = (sys.platform == "linux" and platform.machine() == "x86_64"
+                   and os.environ.get("NANOFAST_TESTS_WITHOUT_TRITON") != "1")
 
 if HAVE_TRITON and INTERPRET:
     # Two work-arounds for triton 3.6's interpreter only (compiled kernels never see them):
@@ -429,16 +437,22 @@ def test_greedy_generate_matches_transformers(case):
     assert again == got[:16]
 
 
+# bf16 on the CPU against the fp32 reference, teacher-forced over prompt + greedy (81 positions):
+# max |bf16 - fp32| <= BF16_CPU_RTOL * max |fp32|. Measured 0.015, 0.020 and 0.025 for the three
+# configurations (0.013-0.019 over the prompt alone): bf16 rounds every activation and cache entry to
+# 8 bits of mantissa. And at least 1e-3: an engine that computed in fp32 would be ~1e-6 off.
+BF16_CPU_RTOL = 0.04
+
+
 def test_bf16_engine_on_cpu(case):
-    # bf16 weights and cache: finite, and close to fp32 (bf16 has 8 bits of mantissa)
     eng = load_engine(case["dir"], dtype=torch.bfloat16, page_size=case["page_size"])
-    assert eng.dtype == torch.bfloat16
-    P = len(case["prompt"])
-    got = eng.forward(case["prompt"], 0)
+    assert eng.dtype == torch.bfloat16 and eng.weight_format == "bfloat16"
+    got, ref = eng.forward(case["prompt"] + case["greedy"], 0), case["logits"]
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
-    ref = case["logits"][:P]
-    assert float((got - ref).abs().max()) <= 0.1 * float(ref.abs().max())
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+    scale, diff = float(ref.abs().max()), float((got - ref).abs().max())
+    assert 1e-3 * scale < diff <= BF16_CPU_RTOL * scale, f"max abs diff {diff:.3g}, {diff / scale:.4f} of the scale"
+    # the greedy choice is the reference's at 95-97.5% of the positions (seen; the rest are near ties)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_assert_logits_close_rejects_nan_and_inf():
@@ -945,11 +959,12 @@ def edit_tensors(edit):  # -> a folder edit that applies edit(dict) to model.saf
 
 
 def _without(name):
-    return Broken(edit_tensors(lambda w: w.pop(name)), (name,))
+    return Broken(edit_tensors(lambda w: w.pop(name)), ("missing", name))
 
 
-def _zeros(name, shape):  # an unexpected tensor, or one of the wrong shape
-    return Broken(edit_tensors(lambda w: w.__setitem__(name, torch.zeros(shape, dtype=torch.bfloat16))), (name,))
+def _zeros(name, shape, *words):  # an unexpected tensor, or one of the wrong shape
+    return Broken(edit_tensors(lambda w: w.__setitem__(name, torch.zeros(shape, dtype=torch.bfloat16))),
+                  (name, *words))
 
 
 def _config(edit):  # -> a folder edit that applies edit(dict) to config.json
@@ -964,27 +979,29 @@ def _weights_file(write):  # -> a folder edit that rewrites model.safetensors as
 
 
 SHARD2 = "model-00002-of-00003.safetensors"
+DAMAGED = ("model.safetensors", "corrupt or truncated")  # the words for a damaged weights file
 
 # Checkpoint folders that pass load_config but whose weights do not load
 BROKEN_WEIGHTS = {
     "missing-tensor": _without("model.layers.0.mlp.up_proj.weight"),
     "missing-norm": _without("model.norm.weight"),
-    "unexpected-tensor": _zeros("model.layers.0.mlp.extra_proj.weight", (4, 4)),
-    "unexpected-layer": _zeros("model.layers.1.input_layernorm.weight", (32,)),
-    "misshaped-tensor": _zeros("model.layers.0.self_attn.k_proj.weight", (32, 32)),
-    "misshaped-embed": _zeros("model.embed_tokens.weight", (1000, 32)),
-    "truncated-file": Broken(_weights_file(lambda data: data[:len(data) // 2])),
-    "garbage-file": Broken(_weights_file(lambda data: os.urandom(4096))),
+    "unexpected-tensor": _zeros("model.layers.0.mlp.extra_proj.weight", (4, 4), "unexpected"),
+    "unexpected-layer": _zeros("model.layers.1.input_layernorm.weight", (32,), "unexpected"),
+    "misshaped-tensor": _zeros("model.layers.0.self_attn.k_proj.weight", (32, 32), "(32, 32)", "expected (16, 32)"),
+    "misshaped-embed": _zeros("model.embed_tokens.weight", (1000, 32), "(1000, 32)", "expected (151936, 32)"),
+    "truncated-file": Broken(_weights_file(lambda data: data[:len(data) // 2]), DAMAGED),
+    "garbage-file": Broken(_weights_file(lambda data: os.urandom(4096)), DAMAGED),
     # a plausible header length followed by junk
     "garbage-header": Broken(_weights_file(lambda data: (64).to_bytes(8, "little") + b"{not json at all"
-                                           + os.urandom(200))),
-    "empty-file": Broken(_weights_file(lambda data: b"")),
-    "no-weights": Broken(lambda d: (d / "model.safetensors").unlink()),
-    "missing-shard": Broken(lambda d: (d / SHARD2).unlink(), (SHARD2,), sharded=True),
+                                           + os.urandom(200)), DAMAGED),
+    "empty-file": Broken(_weights_file(lambda data: b""), DAMAGED),
+    "no-weights": Broken(lambda d: (d / "model.safetensors").unlink(), ("no model.safetensors",)),
+    "missing-shard": Broken(lambda d: (d / SHARD2).unlink(), (SHARD2, "missing"), sharded=True),
     "index-missing-a-tensor": Broken(lambda d: edit_json(d / "model.safetensors.index.json",
                                                          lambda index: index["weight_map"].pop("lm_head.weight")),
-                                     sharded=True),
-    "untied-without-lm-head": Broken(_config(lambda cfg: cfg.update(tie_word_embeddings=False)), ("lm_head.weight",)),
+                                     ("lm_head.weight", "index"), sharded=True),
+    "untied-without-lm-head": Broken(_config(lambda cfg: cfg.update(tie_word_embeddings=False)),
+                                     ("missing", "lm_head.weight")),
 }
 
 
@@ -1168,51 +1185,62 @@ def _latin1_file(tmp):
 SUBPROCESS_WEIGHTS = {"missing-tensor", "unexpected-tensor", "misshaped-tensor", "truncated-file", "garbage-file",
                       "missing-shard"}
 
+BAD_MAX_SEQ_LEN = "--max-seq-len must be >= 2"
+NO_SUCH_CUDA = ("no such GPU", "cuda:99") if torch.cuda.is_available() else ("CUDA is not available",)
+
 CLI_ERRORS = {
-    "missing-model-dir": CliError(broken=Broken(shutil.rmtree), subprocess=True),  # a copy, deleted
+    "missing-model-dir": CliError(broken=Broken(shutil.rmtree), subprocess=True,  # a copy, deleted
+                                  needles=("model folder not found", "missing-model-dir")),
     "config-not-json": CliError(broken=Broken(lambda d: (d / "config.json").write_text("{this is not json")),
-                                subprocess=True),
+                                subprocess=True, needles=("config.json", "not valid JSON")),
     "wrong-architecture": CliError(broken=Broken(_config(lambda cfg: cfg.update(
-        model_type="llama", architectures=["LlamaForCausalLM"]))), subprocess=True),
+        model_type="llama", architectures=["LlamaForCausalLM"]))), subprocess=True,
+        needles=("'llama'", "LlamaForCausalLM", "not supported", "Qwen3")),
     **{name: CliError(broken=b, tok=True, needles=b.needles, subprocess=name in SUBPROCESS_WEIGHTS)
        for name, b in BROKEN_WEIGHTS.items()},
-    **{name: CliError(flags=flags, subprocess=True) for name, flags in {
-        "temperature-negative": ("--temperature", "-1"),
-        "top-p-zero": ("--top-p", "0"),
-        "top-p-above-one": ("--top-p", "1.5"),
-        "top-k-negative": ("--top-k", "-1"),
-        "max-new-tokens-zero": ("--max-new-tokens", "0"),
-        "max-seq-len-one": ("--max-seq-len", "1"),
-        "dtype-int8": ("--dtype", "int8"),
-        "device-bogus": ("--device", "bogus"),
+    **{name: CliError(flags=flags, subprocess=True, needles=needles) for name, (flags, needles) in {
+        "temperature-negative": (("--temperature", "-1"), (BAD_TEMPERATURE,)),
+        "top-p-zero": (("--top-p", "0"), (BAD_TOP_P,)),
+        "top-p-above-one": (("--top-p", "1.5"), (BAD_TOP_P,)),
+        "top-k-negative": (("--top-k", "-1"), (BAD_TOP_K,)),
+        "max-new-tokens-zero": (("--max-new-tokens", "0"), (BAD_MAX_NEW_TOKENS,)),
+        "max-seq-len-one": (("--max-seq-len", "1"), (BAD_MAX_SEQ_LEN,)),
+        "dtype-int8": (("--dtype", "int8"), ("--dtype", "'int8'", "float32")),
+        "device-bogus": (("--device", "bogus"), ("'bogus'", "cpu, cuda or cuda:N")),
     }.items()},
-    "prompt-file-missing": CliError(("--prompt-file", lambda tmp: tmp / "missing.txt"), subprocess=True),
-    "no-prompt": CliError(args=(), subprocess=True),
-    "prompt-too-long": CliError(flags=("--prompt", "word " * 200, "--max-seq-len", "64"), tok=True, subprocess=True),
+    "prompt-file-missing": CliError(("--prompt-file", lambda tmp: tmp / "missing.txt"), subprocess=True,
+                                    needles=("--prompt-file", "missing.txt", "FileNotFoundError")),
+    "no-prompt": CliError(args=(), subprocess=True, needles=("no prompt", "--prompt")),
+    "prompt-too-long": CliError(flags=("--prompt", "word " * 200, "--max-seq-len", "64"), tok=True, subprocess=True,
+                                needles=("the prompt is", "max_seq_len 64", "--max-seq-len")),
     # more bad flags and prompts, through nanofast.main in this process
-    **{name: CliError(flags=flags) for name, flags in {
-        "temperature-nan": ("--temperature", "nan"),
-        "temperature-inf": ("--temperature", "inf"),
-        "temperature-text": ("--temperature", "hot"),
-        "top-p-negative": ("--top-p", "-0.5"),
-        "max-new-tokens-negative": ("--max-new-tokens", "-5"),
-        "max-seq-len-zero": ("--max-seq-len", "0"),
-        "dtype-bogus": ("--dtype", "fp8"),
-        "device-tpu": ("--device", "tpu"),
-        "device-cuda-index": ("--device", "cuda:99"),
-        "unknown-flag": ("--frobnicate",),
-        "quantize-int4": ("--quantize", "int4"),
-        "chat-json": ("--chat", "--json"),
-        "chat-raw": ("--chat", "--raw"),
-        "chat-prompt-stdin": ("--chat", "--prompt", "-"),
+    **{name: CliError(flags=flags, needles=needles) for name, (flags, needles) in {
+        "temperature-nan": (("--temperature", "nan"), (BAD_TEMPERATURE,)),
+        "temperature-inf": (("--temperature", "inf"), (BAD_TEMPERATURE,)),
+        "temperature-text": (("--temperature", "hot"), ("--temperature", "'hot'")),
+        "top-p-negative": (("--top-p", "-0.5"), (BAD_TOP_P,)),
+        "max-new-tokens-negative": (("--max-new-tokens", "-5"), (BAD_MAX_NEW_TOKENS,)),
+        "max-seq-len-zero": (("--max-seq-len", "0"), (BAD_MAX_SEQ_LEN,)),
+        "dtype-bogus": (("--dtype", "fp8"), ("--dtype", "'fp8'", "bfloat16")),
+        "device-tpu": (("--device", "tpu"), ("'tpu'", "cpu, cuda or cuda:N")),
+        "device-cuda-index": (("--device", "cuda:99"), NO_SUCH_CUDA),
+        "unknown-flag": (("--frobnicate",), ("unrecognized", "--frobnicate")),
+        "quantize-int4": (("--quantize", "int4"), ("--quantize", "'int4'", "fp8")),
+        "chat-json": (("--chat", "--json"), ("--chat", "--json")),
+        "chat-raw": (("--chat", "--raw"), ("--chat", "--raw")),
+        "chat-prompt-stdin": (("--chat", "--prompt", "-"), ("--chat", "--prompt -")),
     }.items()},
-    **{name: CliError(args, tok=True) for name, args in {
-        "prompt-too-long-raw": ("--raw", "--prompt", "x " * 64, "--max-seq-len", "64"),
-        "prompt-fills-cache": ("--raw", "--prompt", "Hello world", "--max-seq-len", "2"),
-        "empty-raw-prompt": ("--raw", "--prompt", ""),
-        "prompt-and-prompt-file": ("--prompt", "hi", "--prompt-file", __file__),
-        "prompt-file-is-dir": ("--prompt-file", REPO),
-        "prompt-file-not-utf8": ("--prompt-file", _latin1_file),
+    **{name: CliError(args, tok=True, needles=needles) for name, (args, needles) in {
+        "prompt-too-long-raw": (("--raw", "--prompt", "x " * 64, "--max-seq-len", "64"),
+                                ("the prompt is 65 tokens", "max_seq_len 64")),
+        "prompt-fills-cache": (("--raw", "--prompt", "Hello world", "--max-seq-len", "2"),
+                               ("the prompt is 2 tokens", "max_seq_len 2")),
+        "empty-raw-prompt": (("--raw", "--prompt", ""), ("the prompt is empty",)),
+        "prompt-and-prompt-file": (("--prompt", "hi", "--prompt-file", __file__),
+                                   ("--prompt", "--prompt-file", "not both")),
+        "prompt-file-is-dir": (("--prompt-file", REPO), ("--prompt-file", "IsADirectoryError")),
+        "prompt-file-not-utf8": (("--prompt-file", _latin1_file),
+                                 ("--prompt-file", "latin1.txt", "UnicodeDecodeError")),
     }.items()},
 }
 
@@ -1246,6 +1274,7 @@ def _main(argv, capsys):  # nanofast.main in this process -> (exit code, stdout,
 @pytest.mark.parametrize("name", list(CLI_ERRORS))
 def test_cli_error(cli_errors, small_ckpt, sharded_small, tmp_path, capsys, name):
     case = CLI_ERRORS[name]
+    assert case.needles, "every case names the words its error must contain"
     if case.tok and QWEN3_FILES is None:
         pytest.skip("needs NANOFAST_QWEN3_FILES")
     if case.subprocess:
@@ -1567,9 +1596,17 @@ def fp8_quantize(w):  # the test's own block quantizer: (e4m3 values, scale_inv)
     return q.contiguous(), scale
 
 
-def fp8_dequantize(q, scale):
-    N, K = q.shape
-    return q.float() * scale.float().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+def fp8_dequantize(q, scale_inv):
+    """The convention of Qwen's FP8 checkpoints, as their config.json gives it (quant_method fp8,
+    weight_block_size [128, 128]), written out plainly: block (i, j) of the weight, rows 128i to
+    128i + 127 and columns 128j to 128j + 127 (fewer at the bottom and right edges), times
+    weight_scale_inv[i, j]. In fp32, where each product is exact."""
+    B, out = 128, torch.empty(q.shape)
+    for i in range(scale_inv.shape[0]):
+        for j in range(scale_inv.shape[1]):
+            block = slice(B * i, B * i + B), slice(B * j, B * j + B)
+            out[block] = q[block].float() * scale_inv[i, j].float()
+    return out
 
 
 def read_weights(d):
@@ -1624,6 +1661,30 @@ def test_fp8_checkpoint_matches_transformers(fp8_case):
     assert list(eng.generate(prompt, max_new_tokens=40, temperature=0.0)) == fp8_case["greedy"]
     assert eng.stats["weights"] == "fp8"
     assert P == len(prompt)
+
+
+def _random_fp8(w):  # e4m3 values and a scale per block with nothing in common with w but its shape
+    (N, K), g = w.shape, torch.Generator().manual_seed(w.numel())
+    q = (torch.randn(N, K, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, 1e-4 + 1e-3 * torch.rand(-(-N // 128), -(-K // 128), generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_weights_are_blocks_times_scale_inv(tmp_path, dtype):
+    """The matrices nanofast computes with on the CPU are fp8_dequantize's (the released convention,
+    written out independently of nanofast), exactly (rounded once to bf16). The shapes span several
+    blocks, square and not, with partial edge blocks: q_proj and o_proj 256 x 256 (2 x 2 blocks),
+    k/v 128 x 256 (1 x 2), gate/up 320 x 256 (3 x 2), down 256 x 320 (2 x 3); every block has its
+    own random scale, so a transposed or shifted scale grid, or a division, shows."""
+    src = make_checkpoint(tmp_path / "src", hidden=256, layers=1, heads=4, kv_heads=2, head_dim=64, intermediate=320)
+    d, ref = make_fp8_checkpoint(src, tmp_path / "fp8", torch.bfloat16, quantize=_random_fp8)
+    want, layer = read_weights(ref), load_engine(d, dtype=dtype).weights.layers[0]
+    p = "model.layers.0."
+    for field, names in {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                         "o": ["self_attn.o_proj"], "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
+                         "down": ["mlp.down_proj"]}.items():
+        expected = torch.cat([want[p + n + ".weight"] for n in names]).to(dtype)
+        assert torch.equal(getattr(layer, field), expected), field
 
 
 def test_quantize_on_load_round_trip(fp8_case, tmp_path):
@@ -1735,6 +1796,15 @@ def kseed():
     torch.manual_seed(0)
 
 
+def test_triton_is_installed():
+    if not HAVE_TRITON:
+        if not TRITON_EXPECTED:
+            pytest.skip("Triton is not installed (not expected on this platform, or opted out)")
+        pytest.fail(f"Triton is expected on Linux x86_64 (requirements-test.txt) but does not import "
+                    f"({TRITON_IMPORT_ERROR}); the kernel tests would all skip. Set "
+                    f"NANOFAST_TESTS_WITHOUT_TRITON=1 to run without it")
+
+
 @requires_triton
 def test_kernel_embed(kseed):
     V, D = 50, 40  # D below the kernel's block: masked tail
@@ -1809,6 +1879,7 @@ def test_kernel_gemvs_fp8(kseed, N, K, BN, BK, SK):
     norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
     (W, s), (W_gu, s_gu) = [nanofast.quantize_fp8(torch.randn(n, K) * K ** -0.5) for n in (N, 2 * N)]
     dense = [nanofast.dequantize(w_, s_, torch.float32) for w_, s_ in ((W, s), (W_gu, s_gu))]
+    assert all(torch.equal(x, fp8_dequantize(w_, s_)) for x, (w_, s_) in zip(dense, ((W, s), (W_gu, s_gu))))
     W, s, W_gu, s_gu = [t.to(KDEV) for t in (W, s, W_gu, s_gu)]
     assert torch.equal(nanofast.dequantize_triton(W, s, torch.float32).cpu(), dense[0])
     xn = nanofast.rms_norm(x, norm_w.float(), 1e-6).cpu()
@@ -1967,21 +2038,30 @@ def test_kernel_sampler_seeded_ring_pos_step():
 
 @requires_triton
 def test_kernel_sampler_frequencies():
-    # temperature 2 on 2 * log(probs): the draws follow probs; the -inf token is never drawn
-    probs = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)
-    logits = torch.cat([2 * probs.log(), torch.tensor([-math.inf], dtype=torch.float64)]).float().to(KDEV)
-    n = 64 if INTERPRET else 4000  # ~0.1 s a draw in the interpreter
+    """Temperature 4 on logits 4 * log(probs): the draws follow probs, by a chi-square test at
+    p > 1e-3; the -inf token is never drawn. 160 draws in the interpreter (~35 ms a draw: seven
+    launches), 4000 compiled. Simulated over 200,000 seeds, 160 draws pass for no seed when the
+    draw ignores the temperature (probs^4) or is uniform, for 1e-4 of them when it divides by T
+    twice or by 2 instead of 4, and fail for 0.1% of seeds when correct (this seed passes)."""
+    probs = torch.tensor([0.6, 0.2, 0.1, 0.1], dtype=torch.float64)
+    logits = torch.cat([4 * probs.log(), torch.tensor([-math.inf], dtype=torch.float64)]).float().to(KDEV)
+    n = 160 if INTERPRET else 4000
     sampler = _sampler(5, block=16)
-    sampler.set_params(2.0, 0, 1.0, seed=2024)
-    counts = torch.zeros(5, dtype=torch.float64)
-    for _ in range(n):
-        counts[_sample(logits, sampler)] += 1
-    assert counts[4] == 0
-    expected = probs * n  # >= 8 each
-    chi2 = float(((counts[:4] - expected) ** 2 / expected).sum())
-    p_value = float(torch.special.gammaincc(torch.tensor(1.5, dtype=torch.float64),
-                                            torch.tensor(chi2 / 2, dtype=torch.float64)))  # 3 degrees of freedom
-    assert p_value > 1e-3, (counts.tolist(), p_value)  # seeded: deterministic
+    sampler.set_params(4.0, 0, 1.0, seed=2024)
+    draws = [_sample(logits, sampler) for _ in range(n)]
+    assert 4 not in draws
+    p_value = chi2_p_value(draws, dict(enumerate(probs.tolist())))
+    assert p_value > 1e-3, ([draws.count(t) for t in range(4)], p_value)  # seeded: deterministic
+
+
+@requires_triton
+def test_kernel_sampler_rejects_bad_settings():
+    # set_params (the fast path's) refuses what generate and the CLI refuse, in the same words
+    sampler = _sampler(8, block=16)
+    for name, (kw, words) in BAD_SETTINGS.items():
+        if "max_new_tokens" not in kw:
+            with raises_one_line(words):
+                sampler.set_params(kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0))
 
 
 # FastDecoder.run_step against the plain model, max |diff| <= RUN_STEP_RTOL * max |reference|
