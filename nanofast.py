@@ -1305,8 +1305,7 @@ class Sampler:
 
     def set_params(self, temperature, top_k=0, top_p=1.0, seed=0):
         """Called between generations, not inside the graph. Also resets step to 0."""
-        if not (temperature >= 0.0 and top_k >= 0 and 0.0 <= top_p <= 1.0):
-            raise ValueError(f"bad sampling params T={temperature} top_k={top_k} top_p={top_p}")
+        check_sampling(temperature, top_k, top_p)
         self.temperature.fill_(float(temperature))
         self.top_k.fill_(int(top_k))
         self.top_p.fill_(float(top_p))
@@ -1645,6 +1644,20 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def check_sampling(temperature=None, top_k=None, top_p=None, max_new_tokens=None):
+    """Raise NanofastError unless the settings given (None: not given) are valid. The CLI, generate(),
+    Chat and the CUDA sampler all check here, so they refuse the same values in the same words."""
+    for bad, message in [
+            (temperature is not None and not (temperature >= 0 and math.isfinite(temperature)),
+             "--temperature must be a finite number >= 0"),
+            (top_k is not None and not (isinstance(top_k, int) and top_k >= 0), "--top-k must be an integer >= 0"),
+            (top_p is not None and not 0 < top_p <= 1, "--top-p must be in (0, 1]"),
+            (max_new_tokens is not None and not (isinstance(max_new_tokens, int) and max_new_tokens >= 1),
+             "--max-new-tokens must be an integer >= 1")]:
+        if bad:
+            raise NanofastError(message)
+
+
 def check_prompt(n: int, max_seq_len: int):
     if n == 0:
         raise NanofastError("the prompt is empty")
@@ -1819,8 +1832,7 @@ class Engine:
         not run again: only the rest is prefilled."""
         P, prompt_ids = len(prompt_ids), list(prompt_ids)
         check_prompt(P, self.max_seq_len)
-        if max_new_tokens < 1:
-            raise NanofastError("max_new_tokens must be at least 1")
+        check_sampling(temperature, top_k, top_p, max_new_tokens)
         limit = min(max_new_tokens, self.max_seq_len - P)
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         start = self.reusable(prompt_ids)
@@ -1875,6 +1887,7 @@ class Chat:
     """
 
     def __init__(self, engine, tokenizer, system=None, think=True, max_new_tokens=2048, **sampling):
+        check_sampling(sampling.get("temperature"), sampling.get("top_k"), sampling.get("top_p"), max_new_tokens)
         self.engine, self.tokenizer, self.system, self.think = engine, tokenizer, system, think
         self.max_new_tokens, self.sampling, self.messages = max_new_tokens, sampling, []
 
@@ -1937,12 +1950,11 @@ def parse_args(argv=None):
     p.add_argument("--chat", action="store_true", help=f"a conversation on stdin, one turn per line, reusing the "
                    f"KV cache; commands: {CHAT_COMMANDS}")
     args = p.parse_args(argv)
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    except NanofastError as e:
+        p.error(str(e))
     checks = [
-        (args.temperature is not None and not (args.temperature >= 0 and math.isfinite(args.temperature)),
-         "--temperature must be a finite number >= 0"),
-        (args.top_k is not None and args.top_k < 0, "--top-k must be >= 0"),
-        (args.top_p is not None and not 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.max_new_tokens < 1, "--max-new-tokens must be >= 1"),
         (args.max_seq_len < 2, "--max-seq-len must be >= 2"),
         (args.prompt is not None and args.prompt_file is not None, "give --prompt or --prompt-file, not both"),
         (args.prompt is None and args.prompt_file is None and not args.chat, "no prompt: give --prompt TEXT, "
