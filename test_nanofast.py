@@ -1470,7 +1470,8 @@ def test_cli_raw_bf16(cli_runs, ref_tok):
     assert j["prompt_ids"] == ref_tok.encode("The capital of France is", add_special_tokens=False).ids
     assert 1 <= len(j["generated_ids"]) <= 2
     # --dtype reaches the engine: the load line and the timings name the format (float32 without it)
-    assert "(bfloat16 weights, bfloat16 activations" in r.stderr and j["timings"]["weights"] == "bfloat16"
+    assert re.search(r"\(bfloat16 weights [\d.]+ GiB, KV cache [\d.]+ GiB, bfloat16 activations", r.stderr)
+    assert j["timings"]["weights"] == "bfloat16"
     assert _json(cli_runs["json"])["timings"]["weights"] == "float32"
 
 
