@@ -521,9 +521,11 @@ RESID_ONE = tl.constexpr(4294967296.0)  # 2^32
 
 @triton.jit
 def _to_resid(x, ptr):  # fp32 x as stored at ptr: rounded to fixed point if the residual is int64
-    if ptr.dtype.element_ty == tl.int64:
-        return tl.floor(x * RESID_ONE + 0.5).to(tl.int64)
-    return x
+    if ptr.dtype.element_ty == tl.int64:  # (one return: Triton types every return, even an untaken one's)
+        y = tl.floor(x * RESID_ONE + 0.5).to(tl.int64)
+    else:
+        y = x
+    return y
 
 
 @triton.jit
@@ -577,7 +579,7 @@ def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):  # as fp32; a fi
     else:
         v = tl.load(ptrs, mask=kk < K, other=0)
     if v.dtype == tl.int64:
-        return v.to(tl.float32) * (1.0 / RESID_ONE)
+        v = v.to(tl.float32) * (1.0 / RESID_ONE)
     return v.to(tl.float32)
 
 
@@ -1325,7 +1327,7 @@ def sample_on_gpu(st: DecodeState, use_pdl=False):
 # roundings of the plain-torch code it replaces, so prefill computes what forward() does.
 
 @triton.jit
-def _rnd(x, DT: tl.constexpr):  # round fp32 x to dtype DT and back, as a torch op in DT would
+def _round_to(x, DT: tl.constexpr):  # round fp32 x to dtype DT and back, as a torch op in DT would
     return x.to(DT).to(tl.float32)
 
 
@@ -1338,11 +1340,11 @@ def _rms_norm_rows_kernel(x_ptr, y_ptr, w_ptr, out_ptr, eps, D: tl.constexpr, BL
     XT: tl.constexpr = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # the residual add x += y, rounded to x's dtype like torch's
-        x = _rnd(x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), XT)
+        x = _round_to(x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), XT)
         tl.store(x_ptr + row * D + cols, x.to(XT), mask=mask)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) * (1.0 / D) + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + cols, (_rnd(x * rstd, XT) * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * D + cols, (_round_to(x * rstd, XT) * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_rows(x, w, eps, out, add=None):
@@ -1362,7 +1364,7 @@ def _silu_mul_rows_kernel(gu_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr)
     DT: tl.constexpr = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * I + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * I + I + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = _rnd(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT)  # torch's silu, rounded, then the product
+    silu = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT)  # torch's silu, rounded, then the product
     tl.store(out_ptr + row * I + cols, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1397,12 +1399,12 @@ def _qk_norm_rope_rows_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos0, q
     w1 = tl.where(qsel, tl.load(qw_ptr + half)[None, :], tl.load(kw_ptr + half)[None, :]).to(tl.float32)
     w2 = tl.where(qsel, tl.load(qw_ptr + HD // 2 + half)[None, :], tl.load(kw_ptr + HD // 2 + half)[None, :])
     rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) * (1.0 / HD) + eps)[:, None]
-    a = _rnd(_rnd(a * rstd, DT) * w1, DT)
-    b = _rnd(_rnd(b * rstd, DT) * w2.to(tl.float32), DT)
-    c = _rnd(tl.load(cos_ptr + pos * (HD // 2) + half)[None, :], DT)
-    s = _rnd(tl.load(sin_ptr + pos * (HD // 2) + half)[None, :], DT)
-    y1 = _rnd(_rnd(a * c, DT) - _rnd(b * s, DT), DT)
-    y2 = _rnd(_rnd(b * c, DT) + _rnd(a * s, DT), DT)
+    a = _round_to(_round_to(a * rstd, DT) * w1, DT)
+    b = _round_to(_round_to(b * rstd, DT) * w2.to(tl.float32), DT)
+    c = _round_to(tl.load(cos_ptr + pos * (HD // 2) + half)[None, :], DT)
+    s = _round_to(tl.load(sin_ptr + pos * (HD // 2) + half)[None, :], DT)
+    y1 = _round_to(_round_to(a * c, DT) - _round_to(b * s, DT), DT)
+    y2 = _round_to(_round_to(b * c, DT) + _round_to(a * s, DT), DT)
     q_dst = q_ptr + t.to(tl.int64) * HQ * HD + heads[:, None] * HD + half[None, :]
     tl.store(q_dst, y1.to(DT), mask=qsel)
     tl.store(q_dst + HD // 2, y2.to(DT), mask=qsel)
