@@ -464,12 +464,10 @@ def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids: list, pos: int, 
 # -----------------------------------------------------------------------------
 # sampling (plain torch)
 
-def sample(logits, temperature: float, top_k: int, top_p: float, generator=None) -> int:
-    """One token from fp32 logits (V,), with transformers' semantics: divide by the temperature, keep
-    the top_k highest scores (0 = all), then the smallest set whose probability reaches top_p (1.0 =
-    all). Temperature 0 is greedy."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
+def sampling_probs(logits, temperature: float, top_k: int, top_p: float):
+    """The distribution (V,) that fp32 logits (V,) are sampled from, with transformers' semantics: divide
+    by the temperature (> 0), keep the top_k highest scores (0 = all), then the smallest set whose
+    probability reaches top_p (1.0 = all)."""
     scores = logits.detach().float().cpu() / temperature
     if 0 < top_k < scores.numel():
         kth = torch.topk(scores, top_k).values[-1]
@@ -481,7 +479,50 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
         drop = above >= top_p
         drop[0] = False
         scores[order[drop]] = -math.inf
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    return scores.softmax(-1)
+
+
+def sample(logits, temperature: float, top_k: int, top_p: float, generator=None) -> int:
+    """One token from fp32 logits (V,); temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator))
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding (plain torch)
+#
+# A round drafts up to k tokens cheaply, the model scores its last token and the drafts in one
+# forward (k + 1 rows, one pass over the weights), keeps the longest prefix of drafts it agrees
+# with and adds one token of its own. Drafts are deterministic (prompt lookup, or a draft model's
+# greedy tokens), so accepting draft x with probability p(x), and otherwise drawing from p with x
+# removed, draws exactly from p (p: the distribution sample() draws from): speculation changes the
+# speed, never the distribution, and greedy runs yield the model's own greedy tokens.
+
+def lookup_drafts(context: list, k: int, max_n: int = 3) -> list:
+    """Prompt lookup: up to k tokens that followed the latest earlier occurrence of context's last n
+    tokens (the longest n <= max_n that occurs), or none."""
+    for n in range(min(max_n, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for i in range(len(context) - n - 1, -1, -1):
+            if context[i:i + n] == tail:
+                return context[i + n:i + n + k]
+    return []
+
+
+def accept_drafts(rows, drafts: list, temperature, top_k, top_p, generator=None) -> tuple:
+    """(a, token): the model keeps drafts[:a] and draws token. rows: its fp32 logits (len(drafts) + 1,
+    V) after the token before the drafts and after each draft; row i judges drafts[i]."""
+    for i, x in enumerate(drafts):
+        if temperature <= 0:
+            if int(torch.argmax(rows[i])) != x:
+                return i, int(torch.argmax(rows[i]))
+            continue
+        p = sampling_probs(rows[i], temperature, top_k, top_p)
+        if float(torch.rand((), generator=generator)) >= float(p[x]):
+            p[x] = 0.0  # the rest of p, renormalised by multinomial; not empty, or x would have passed
+            return i, int(torch.multinomial(p, 1, generator=generator))
+    return len(drafts), sample(rows[len(drafts)], temperature, top_k, top_p, generator)
 
 
 # -----------------------------------------------------------------------------
@@ -1818,19 +1859,24 @@ class Engine:
         return self.forward([token], pos)[0] if not self.fast else self.decoder.feed(token, pos)
 
     def generate(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids=()):
+                 top_p: float = 1.0, seed: int | None = None, stop_ids=(), draft=None, spec_k: int = 4):
         """Yield new token ids. Stops at a stop id (which is yielded), after max_new_tokens, or when prompt
         plus output fill max_seq_len. Afterwards self.stop_reason says which ("eos", "max_new_tokens",
         "cache_full", or "interrupted" if the caller stopped early) and self.stats has the timings.
         The prompt's leading tokens that the cache already holds (the conversation so far, say) are
-        not run again: only the rest is prefilled."""
+        not run again: only the rest is prefilled. draft: "lookup" or a draft Engine decodes speculatively,
+        up to spec_k drafts a round (plain path only, so far); the tokens follow the same distribution."""
         P, prompt_ids = len(prompt_ids), list(prompt_ids)
         check_prompt(P, self.max_seq_len)
         check_sampling(temperature, top_k, top_p, max_new_tokens)
+        self.check_draft(draft, spec_k)
         limit = min(max_new_tokens, self.max_seq_len - P)
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         start, t0 = self.cache.reusable(prompt_ids), time.perf_counter()
-        if self.fast:
+        spec = dict(draft="lookup" if draft == "lookup" else "model", k=spec_k, rounds=0, drafted=0, accepted=0)
+        if draft is not None:
+            source = self._speculative_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec)
+        elif self.fast:
             set_sampling(self.decoder.st, temperature, top_k, top_p, seed)
             self.decoder.prefill(prompt_ids, start)
             source = self.decoder.stream(limit)
@@ -1856,6 +1902,57 @@ class Engine:
                               prefilled_tokens=P - start, generated_tokens=n,
                               ttft_s=(t_first - t0) if t_first else None,
                               decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 else None, total_s=t_end - t0)
+            if draft is not None:  # tokens per round: accepted drafts plus the model's own token
+                self.stats["speculation"] = dict(spec, tokens_per_round=(spec["accepted"] + spec["rounds"]) /
+                                                 max(1, spec["rounds"]))
+
+    def check_draft(self, draft, spec_k):
+        """Raise NanofastError unless draft (None, "lookup" or an Engine) and spec_k can speculate here."""
+        if draft is None:
+            return
+        if self.fast:
+            raise NanofastError("speculative decoding (--draft, --lookup) runs on the plain path so far; add --plain")
+        if not (isinstance(spec_k, int) and 1 <= spec_k <= 15):
+            raise NanofastError("--spec-k must be an integer from 1 to 15")
+        if draft != "lookup" and not isinstance(draft, Engine):
+            raise NanofastError('draft must be "lookup" or an Engine')
+        if draft != "lookup" and draft.cfg.vocab_size != self.cfg.vocab_size:
+            raise NanofastError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
+                                f"model's ({self.cfg.vocab_size}); a draft must share the model's tokenizer")
+        if draft != "lookup" and draft.max_seq_len < self.max_seq_len:
+            raise NanofastError(f"the draft model's max_seq_len {draft.max_seq_len} is below the model's "
+                                f"{self.max_seq_len}")
+
+    def _speculative_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec):
+        """_plain_stream's tokens, several per forward (see "speculative decoding"); counts into spec."""
+        generator = torch.Generator().manual_seed(seed)
+        out = [sample(self.forward(prompt_ids[start:], start, last_only=True)[0], temperature, top_k, top_p,
+                      generator)]
+        yield out[0]
+        while len(out) < limit:
+            context, n = prompt_ids + out, min(spec["k"], limit - len(out) - 1)  # room for the drafts and one more
+            drafts = lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n)
+            pos = len(context) - 1  # where the last token goes, before the drafts
+            a, token = accept_drafts(self.forward(context[-1:] + drafts, pos), drafts, temperature, top_k, top_p,
+                                     generator)
+            spec.update(rounds=spec["rounds"] + 1, drafted=spec["drafted"] + len(drafts),
+                        accepted=spec["accepted"] + a)
+            self.cache.wrote(pos + 1, [])  # a draft's row counts as written once the caller takes the next token
+            for i, t in enumerate(drafts[:a] + [token]):
+                out.append(t)
+                yield t
+                if i < a:
+                    self.cache.wrote(pos + 1 + i, [t])
+
+    def draft_tokens(self, context: list, k: int) -> list:
+        """As a draft model: k greedy tokens after context (the cache catches up on what it lacks)."""
+        start, drafts = self.cache.reusable(context), []
+        logits = self.forward(context[start:], start, last_only=True)[0]
+        while len(drafts) < k:
+            drafts.append(int(torch.argmax(logits)))
+            if len(drafts) < k:
+                logits = self.forward(drafts[-1:], len(context) + len(drafts) - 1)[0]
+        return drafts
 
     def _plain_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
         generator = torch.Generator().manual_seed(seed)
@@ -1938,6 +2035,11 @@ def parse_args(argv=None):
     p.add_argument("--plain", action="store_true", help="on CUDA, run the plain-torch path instead of the CUDA graph")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, stop reason, timings) "
                    "instead of streaming text")
+    p.add_argument("--draft", metavar="DIR", help="decode speculatively with this smaller Qwen3 checkpoint as the "
+                   "draft (same tokenizer); plain path only, so far")
+    p.add_argument("--lookup", action="store_true", help="decode speculatively with drafts looked up in the prompt "
+                   "and the text so far (no draft model); plain path only, so far")
+    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per round, 1 to 15 (default 4)")
     p.add_argument("--chat", action="store_true", help=f"a conversation on stdin, one turn per line, reusing the "
                    f"KV cache; commands: {CHAT_COMMANDS}")
     args = p.parse_args(argv)
@@ -1952,6 +2054,8 @@ def parse_args(argv=None):
          "--prompt - (stdin), --prompt-file FILE or --chat"),
         (args.chat and (args.json or args.raw or args.prompt == "-"), "--chat reads its turns from stdin and "
          "streams text: it takes no --json, --raw or --prompt -"),
+        (args.draft is not None and args.lookup, "give --draft or --lookup, not both"),
+        (not 1 <= args.spec_k <= 15, "--spec-k must be an integer from 1 to 15"),
     ]
     for bad, message in checks:
         if bad:
@@ -1992,11 +2096,20 @@ def run(args) -> int:
     if args.model == DEFAULT_MODEL and not os.path.exists(args.model):
         download_default(args.model)
     load_config(args.model)  # a bad folder fails here, before the tokenizer
+    if (args.draft is not None or args.lookup) and device.type == "cuda" and not args.plain:
+        raise NanofastError("speculative decoding (--draft, --lookup) runs on the plain path so far; add --plain")
     tokenizer = Tokenizer(args.model)
     if not args.chat:
         text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
         prompt_ids = tokenizer.encode(text)
         check_prompt(len(prompt_ids), args.max_seq_len)  # before the slow part
+    draft = "lookup" if args.lookup else None
+    if args.draft is not None:  # first: it is the smaller, and fails sooner
+        try:
+            draft = load(args.draft, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, fast=False,
+                         verbose=False)
+        except NanofastError as e:
+            raise NanofastError(f"draft model: {e}") from None
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                   fast=not args.plain, quantize=args.quantize)
@@ -2006,6 +2119,9 @@ def run(args) -> int:
           f"{'CUDA graph' if engine.fast else 'plain torch'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     defaults = tokenizer.defaults  # generation_config.json, for the sampling options not given
     sampling = {k: defaults[k] if vars(args)[k] is None else vars(args)[k] for k in ("temperature", "top_k", "top_p")}
+    if draft is not None:
+        engine.check_draft(draft, args.spec_k)
+        sampling.update(draft=draft, spec_k=args.spec_k)
     if args.chat:
         return chat_loop(Chat(engine, tokenizer, args.system, not args.no_think, args.max_new_tokens, seed=args.seed,
                               **sampling), prompt)
@@ -2034,6 +2150,10 @@ def print_stats(engine):
     print(f"[nanofast] prompt {s.get('prompt_tokens')} tokens ({s.get('reused_tokens')} reused from the cache), "
           f"generated {s.get('generated_tokens')} tokens (stop: {engine.stop_reason}), time to first token {ttft}, "
           f"decode {tps}", file=sys.stderr)
+    if s.get("speculation"):
+        sp = s["speculation"]
+        print(f"[nanofast] speculation ({sp['draft']}, k {sp['k']}): {sp['rounds']} rounds, {sp['accepted']} of "
+              f"{sp['drafted']} drafted tokens accepted, {sp['tokens_per_round']:.2f} tokens per round", file=sys.stderr)
 
 
 CHAT_COMMANDS = "/reset (new conversation), /system TEXT, /think on|off, /stats, /exit"

@@ -1315,7 +1315,7 @@ def test_cli_help(capsys):
     assert rc == 0
     for opt in ("--model", "--prompt", "--prompt-file", "--system", "--no-think", "--raw", "--max-new-tokens",
                 "--temperature", "--top-k", "--top-p", "--seed", "--max-seq-len", "--dtype", "--device",
-                "--ignore-eos", "--json", "--plain", "--quantize", "--chat"):
+                "--ignore-eos", "--json", "--plain", "--quantize", "--chat", "--draft", "--lookup", "--spec-k"):
         assert opt in out, opt
 
 
@@ -1921,6 +1921,176 @@ def test_cli_out_of_memory(tok_dir, monkeypatch, capsys, where, needle):
         loaded, err = err.split("\n", 1)
         assert loaded.startswith("[nanofast] loaded")
     _assert_cli_error(rc, out, err, ("out of memory", needle))
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding on the plain path: drafts from prompt lookup or a draft model, verified
+# k + 1 rows per forward. Greedy runs must be the model's own greedy tokens, sampled runs must
+# follow its distribution, and stops and the cache must be as without speculation.
+
+def test_lookup_drafts():
+    ctx = [5, 6, 7, 8, 9, 6, 7, 1, 2, 3, 6, 7]
+    assert nanofast.lookup_drafts(ctx, 3) == [1, 2, 3]  # "6 7" last occurred before "1 2 3" (latest match wins)
+    assert nanofast.lookup_drafts(ctx, 1) == [1]
+    assert nanofast.lookup_drafts([1, 2, 3, 9, 2, 3], 4) == [9, 2, 3]  # stops at the end of the context
+    assert nanofast.lookup_drafts([4, 1, 2, 3, 4, 7, 1, 2, 3], 2) == [4, 7]  # the longest n-gram: "1 2 3"
+    assert nanofast.lookup_drafts([1, 2, 3, 4], 4) == []  # no earlier occurrence
+    assert nanofast.lookup_drafts([1, 1], 3) == [1]
+
+
+@pytest.fixture(scope="session")
+def draft_ckpt(tmp_path_factory):
+    """Another random model with the test configurations' vocabulary: it drafts, mostly wrongly."""
+    return make_checkpoint(tmp_path_factory.mktemp("draft"), hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                           intermediate=64, seed=11)
+
+
+def _drafts(case, source):  # "lookup", "self" (the model drafts for itself: all accepted) or "other"
+    if source == "lookup":
+        return "lookup"
+    return load_engine(case["dir"] if source == "self" else case["draft_dir"])
+
+
+@pytest.mark.parametrize("k", [1, 4, 15])
+@pytest.mark.parametrize("source", ["lookup", "self", "other"])
+def test_speculative_greedy_is_the_models_greedy(case, draft_ckpt, source, k):
+    """With any draft source and k, greedy ids are transformers' greedy ids, and the stats add up."""
+    eng, P = load_engine(case["dir"]), len(case["prompt"])
+    want = case["greedy"][:40]
+    got = list(eng.generate(case["prompt"], max_new_tokens=40, draft=_drafts(dict(case, draft_dir=draft_ckpt),
+                                                                          source), spec_k=k))
+    assert got == want
+    sp = eng.stats["speculation"]
+    assert sp["k"] == k and sp["draft"] == ("lookup" if source == "lookup" else "model")
+    assert 0 <= sp["accepted"] <= sp["drafted"] <= k * sp["rounds"]
+    assert sp["accepted"] + sp["rounds"] == 40 - 1  # every token after the first comes from a round
+    if source == "self":
+        assert sp["accepted"] == sp["drafted"] > 0 and sp["rounds"] < 40 // (k + 1) + 2
+    assert eng.cache.tokens == case["prompt"] + got[:-1]
+    assert_logits_close(eng.prefill(case["prompt"] + got), case["logits"][P + 39], "the cache after speculation")
+
+
+@pytest.mark.parametrize("source", ["lookup", "self", "other"])
+def test_speculative_stops_are_exact(tied_case, draft_ckpt, source):
+    """A stop id inside an accepted block ends the output there; max_new_tokens and a full cache stop at
+    the same token as without speculation; a caller's early stop leaves the cache as the plain path does."""
+    prompt, greedy = tied_case["prompt"], tied_case["greedy"]
+    draft = _drafts(dict(tied_case, draft_dir=draft_ckpt), source)
+    stop = greedy[7]
+    want = greedy[:greedy.index(stop) + 1]
+    for kw, expected, reason in [(dict(stop_ids=[stop]), want, "eos"), (dict(max_new_tokens=13), greedy[:13],
+                                 "max_new_tokens"), (dict(max_new_tokens=40, max_seq_len=len(prompt) + 17),
+                                                     greedy[:17], "cache_full")]:
+        eng = load_engine(tied_case["dir"], max_seq_len=kw.pop("max_seq_len", 128))
+        if draft != "lookup":
+            draft = load_engine(draft.cfg and tied_case["dir"] if source == "self" else draft_ckpt,
+                                max_seq_len=eng.max_seq_len)
+        got = list(eng.generate(prompt, **{"max_new_tokens": 40, **kw}, draft=draft, spec_k=6))
+        assert (got, eng.stop_reason) == (expected, reason), kw
+        assert eng.cache.tokens == prompt + got[:-1], kw
+    tokens = eng.generate(prompt, max_new_tokens=40, draft=draft, spec_k=6)
+    taken = [next(tokens) for _ in range(9)]
+    tokens.close()
+    assert taken == greedy[:9] and eng.cache.tokens == prompt + taken[:-1] and eng.stop_reason == "interrupted"
+
+
+def test_speculative_prefix_reuse(tied_case, draft_ckpt):
+    """A second generation reuses the cache after a speculative one, and both engines' caches catch up."""
+    eng, draft = load_engine(tied_case["dir"]), load_engine(draft_ckpt)
+    prompt, greedy = tied_case["prompt"], tied_case["greedy"]
+    first = list(eng.generate(prompt, max_new_tokens=10, draft=draft))
+    longer = prompt + first + greedy[10:12]
+    again = list(eng.generate(longer, max_new_tokens=8, draft=draft))
+    assert eng.stats["reused_tokens"] == len(prompt) + 9
+    assert again == list(load_engine(tied_case["dir"]).generate(longer, max_new_tokens=8))
+
+
+def _chi2_critical(df, z=3.0902):  # the 0.999 quantile of chi-squared (Wilson-Hilferty)
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _exact_marginals(eng, prompt, n, probs):
+    """The distributions of the first n generated tokens, by enumerating every sequence (tiny vocab)."""
+    marg, frontier = [], {(): 1.0}
+    for _ in range(n):
+        nxt, dist = {}, torch.zeros(eng.cfg.vocab_size, dtype=torch.float64)
+        for seq, w in frontier.items():
+            p = probs(eng.forward(prompt + list(seq), 0)[-1]).double()
+            dist += w * p
+            nxt.update({seq + (t,): w * float(p[t]) for t in range(len(p)) if p[t] > 0})
+        marg.append(dist)
+        frontier = nxt
+    return marg
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=2.0), dict(temperature=3.0, top_k=6, top_p=0.9)],
+                         ids=["temperature", "top-k-top-p"])
+def test_speculative_sampling_follows_the_model(tmp_path, settings):
+    """At temperature > 0 each of the first four tokens, drawn with speculation (lookup drafts over a
+    prompt that repeats the model's greedy text, and a draft model that disagrees often), follows the
+    model's exact marginal distribution, computed by enumeration over a 12-token vocabulary: chi-squared
+    at the 0.1% level. Untied, so that the tiny model's distributions are spread."""
+    V, tiny = 12, dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, tied=False)
+    eng = load_engine(make_checkpoint(tmp_path / "m", vocab=V, **tiny), max_seq_len=20)
+    other = load_engine(make_checkpoint(tmp_path / "d", vocab=V, seed=5, **tiny), max_seq_len=20)
+    prompt = [1, 2] + list(eng.generate([1, 2], max_new_tokens=4)) + [1, 2]
+    probs = lambda logits: nanofast.sampling_probs(logits, settings["temperature"], settings.get("top_k", 0),  # noqa: E731
+                                                    settings.get("top_p", 1.0))
+    exact = _exact_marginals(eng, prompt, 4, probs)
+    for draft in ("lookup", other):
+        N, counts, accepted, rejected = 1500, torch.zeros(4, V), 0, 0
+        for seed in range(N):
+            out = list(eng.generate(prompt, max_new_tokens=4, seed=seed, draft=draft, spec_k=3, **settings))
+            sp = eng.stats["speculation"]
+            accepted, rejected = accepted + sp["accepted"], rejected + sp["drafted"] - sp["accepted"]
+            for i, t in enumerate(out):
+                counts[i, t] += 1
+        assert min(accepted, rejected) > N // 10  # both ways taken often enough to be tested
+        for i in range(4):
+            expected = N * exact[i]
+            keep = expected >= 5  # cells too small for the test are pooled into one
+            assert keep.sum() >= 3, exact[i]  # a spread distribution, or the test proves nothing
+            obs = torch.cat([counts[i][keep].double(), counts[i][~keep].sum().reshape(1).double()])
+            exp = torch.cat([expected[keep], expected[~keep].sum().reshape(1)])
+            obs, exp = obs[exp > 0], exp[exp > 0]
+            chi2 = float(((obs - exp) ** 2 / exp).sum())
+            assert chi2 < _chi2_critical(len(exp) - 1), (i, chi2, obs.tolist(), exp.tolist())
+
+
+def test_speculative_bad_settings(tied_case, draft_ckpt, tmp_path):
+    eng = load_engine(tied_case["dir"])
+    wide = make_checkpoint(tmp_path / "wide", vocab=151937, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                           intermediate=64)
+    for kw, needle in [(dict(draft="lookup", spec_k=0), "--spec-k"), (dict(draft="lookup", spec_k=16), "--spec-k"),
+                       (dict(draft="ngram"), "lookup"), (dict(draft=load_engine(wide)), "151937"),
+                       (dict(draft=load_engine(draft_ckpt, max_seq_len=64)), "max_seq_len")]:
+        with pytest.raises(nanofast.NanofastError, match=needle):
+            list(eng.generate(tied_case["prompt"], max_new_tokens=4, **kw))
+
+
+def test_cli_speculative(tok_dir, draft_ckpt, tmp_path, capsys):
+    """--lookup and --draft give the plain run's ids and report the rounds; bad input gets one line."""
+    m = ["--model", tok_dir, "--device", "cpu", "--dtype", "float32", "--prompt", "Hello there, hello there",
+         "--max-new-tokens", "12", "--temperature", "0", "--json"]
+    rc, out, _ = _main(m, capsys)
+    assert rc == 0
+    plain = json.loads(out)["generated_ids"]
+    for flags in (["--lookup"], ["--draft", draft_ckpt, "--spec-k", "3"]):
+        rc, out, err = _main(m + flags, capsys)
+        assert rc == 0, err
+        got = json.loads(out)
+        assert got["generated_ids"] == plain
+        assert got["timings"]["speculation"]["rounds"] > 0 and "[nanofast] speculation" in err
+    broken = tmp_path / "broken-draft"
+    shutil.copytree(draft_ckpt, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    for flags, needles in [(["--draft", tmp_path / "nothing"], ("draft model", "not found")),
+                           (["--draft", broken], ("draft model", "safetensors")),
+                           (["--draft", draft_ckpt, "--lookup"], ("--draft or --lookup",)),
+                           (["--lookup", "--spec-k", "0"], ("--spec-k",)),
+                           (["--lookup", "--spec-k", "16"], ("--spec-k",))]:
+        rc, out, err = _main(m + flags, capsys)
+        _assert_cli_error(rc, out, err, needles)
 
 
 # -----------------------------------------------------------------------------
