@@ -238,8 +238,8 @@ def bytes_per_token(engine) -> tuple:
     projections and fp32 block scales 0.752, 2.032, 4.413 and 8.193 GB."""
     w, cfg = engine.weights, engine.cfg
     seen, total = set(), 0
-    for t in [t for layer in w.layers for t in vars(layer).values()] + [w.norm, w.lm_head]:
-        if isinstance(t, torch.Tensor) and (t.data_ptr(), t.nbytes) not in seen:
+    for t in [t for layer in w.layers for f in vars(layer).values() for t in tensors(f)] + tensors(w.norm) + tensors(w.lm_head):
+        if (t.data_ptr(), t.nbytes) not in seen:
             seen.add((t.data_ptr(), t.nbytes))
             total += t.nbytes
     if (w.embed.data_ptr(), w.embed.nbytes) not in seen:  # untied: the token's row of the embedding
@@ -367,13 +367,21 @@ def import_baseline(path: str):
     return module.load
 
 
+def tensors(field) -> list:
+    """The tensors of a weight field: a tensor, or a projection with its fp8 block scales (nanofast.Proj;
+    a baseline nanofast.py may hold plain tensors)."""
+    if isinstance(field, torch.Tensor):
+        return [field]
+    return [t for t in (getattr(field, "weight", None), getattr(field, "scale", None)) if isinstance(t, torch.Tensor)]
+
+
 def load_fp8(model_dir, load=None, **kw):
     """load (nanofast.load, or --baseline's) with quantize="fp8", checked to hold fp8 layer weights."""
     engine = (load or nanofast.load)(model_dir, quantize="fp8", **kw)
     # On the CPU (or with sizes not in whole 128-blocks) the projections are dequantized at load:
     # such an engine computes in bf16/fp32 and must not be reported as fp8.
-    layer = vars(engine.weights.layers[0]).values()
-    if not any(getattr(t, "dtype", None) == torch.float8_e4m3fn for t in layer):
+    layer = [t for f in vars(engine.weights.layers[0]).values() for t in tensors(f)]
+    if not any(t.dtype == torch.float8_e4m3fn for t in layer):
         raise RuntimeError('load(quantize="fp8") returned an engine with no float8_e4m3fn layer weight')
     return engine
 

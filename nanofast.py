@@ -9,8 +9,8 @@ hundreds of small launches from Python leaves the GPU idle most of the time. So:
 
 - weights load straight from safetensors and are fused where that saves launches
   (q/k/v into one matrix, gate/up into one);
-- every buffer is allocated once at startup, and the KV cache is one contiguous,
-  paged block per layer (page table = arange);
+- every buffer is allocated once at startup: the KV cache is one contiguous block
+  (one sequence needs no page table), and DecodeState holds the decode step's buffers;
 - on CUDA the entire decode step, from the embedding lookup through the sampler, is
   one CUDA graph: a handful of fused Triton kernels per layer, the sequence length and
   sampling state kept on the device, replayed once per token with no host work between
@@ -153,20 +153,31 @@ def generation_defaults(model_dir: str) -> dict:
 # weights
 
 @dataclass
+class Proj:
+    """A projection matrix as the kernels read it: weight (N, K) in the model's dtype, or fp8
+    (float8_e4m3fn) with scale, one fp32 factor per 128 x 128 block, (N/128, K/128)."""
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def shape(self):
+        return self.weight.shape
+
+
+@dataclass
 class Layer:
     attn_norm: torch.Tensor  # (D,)
-    qkv: torch.Tensor  # ((Hq + 2 Hkv) hd, D): q, k and v projections stacked
+    qkv: Proj  # ((Hq + 2 Hkv) hd, D): q, k and v projections stacked
     q_norm: torch.Tensor  # (hd,)
     k_norm: torch.Tensor  # (hd,)
-    o: torch.Tensor  # (D, Hq hd)
+    o: Proj  # (D, Hq hd)
     mlp_norm: torch.Tensor  # (D,)
-    gate_up: torch.Tensor  # (2 I, D): gate and up projections stacked
-    down: torch.Tensor  # (D, I)
-    # fp32 block scales of the four matrices above when they are fp8, (rows/128, cols/128); else None
-    qkv_s: torch.Tensor | None = None
-    o_s: torch.Tensor | None = None
-    gate_up_s: torch.Tensor | None = None
-    down_s: torch.Tensor | None = None
+    gate_up: Proj  # (2 I, D): gate and up projections stacked
+    down: Proj  # (D, I)
 
 
 @dataclass
@@ -174,7 +185,7 @@ class Weights:
     embed: torch.Tensor  # (V, D)
     layers: list  # one Layer per decoder block
     norm: torch.Tensor  # (D,)
-    lm_head: torch.Tensor  # (V, D); the same tensor as embed when tied
+    lm_head: Proj  # (V, D); its weight is embed itself when tied
 
 
 def checkpoint_shapes(cfg: Config) -> dict:
@@ -194,24 +205,28 @@ def checkpoint_shapes(cfg: Config) -> dict:
     return shapes
 
 
-def quantize_fp8(w):  # (N, K) -> float8_e4m3fn (N, K), fp32 scales (N/B, K/B): w ~ q * scale per block
+def quantize_fp8(w) -> Proj:  # (N, K) -> fp8 Proj with w ~ weight * scale, block by block
     B, (N, K) = FP8_BLOCK, w.shape
     nb, kb = -(-N // B), -(-K // B)
     x = F.pad(w.float(), (0, kb * B - K, 0, nb * B - N)).view(nb, B, kb, B)
     scale = x.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # 448: the largest float8_e4m3fn
     q = (x / scale[:, None, :, None]).clamp(-448.0, 448.0).view(nb * B, kb * B)[:N, :K]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale
+    return Proj(q.to(torch.float8_e4m3fn).contiguous(), scale)
 
 
-def dequantize(w, scale, dtype):
-    """fp8 w (N, K) times its block scales (N/B, K/B) as a dtype matrix; w itself if scale is None."""
-    if scale is None:
-        return w
-    B, (N, K) = FP8_BLOCK, w.shape
+def dequantize(p: Proj, dtype) -> torch.Tensor:
+    """p's weight (N, K) as a dtype matrix: fp8 times its block scales, exact products rounded once."""
+    if not p.fp8:
+        return p.weight
+    w, B, (N, K) = p.weight, FP8_BLOCK, p.shape
+    if w.is_cuda and HAVE_TRITON:  # one pass, for prefill: read a byte, write two, per weight
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        _dequant_kernel[p.scale.shape](w, p.scale, out, N, K, p.scale.shape[1], B=B)
+        return out
     if N % B or K % B:  # partial edge blocks (small test models): expand the scales
-        return (w.float() * scale.repeat_interleave(B, 0)[:N].repeat_interleave(B, 1)[:, :K]).to(dtype)
+        return (w.float() * p.scale.repeat_interleave(B, 0)[:N].repeat_interleave(B, 1)[:, :K]).to(dtype)
     out = w.to(dtype)  # exact: every e4m3 value is a bf16/fp16/fp32 value
-    out.view(N // B, B, K // B, B).mul_(scale.view(N // B, 1, K // B, 1))  # in fp32, rounded once
+    out.view(N // B, B, K // B, B).mul_(p.scale.view(N // B, 1, K // B, 1))  # in fp32, rounded once
     return out
 
 
@@ -232,8 +247,9 @@ def _checkpoint_files(model_dir: str) -> dict:
 def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quantize=False, keep_fp8=False,
                  progress=False) -> Weights:
     """Load, check and fuse the weights, one tensor at a time (peak memory ~ one copy). The projections
-    of an fp8 checkpoint, or of any with quantize, stay fp8 with block scales if keep_fp8, else become dtype.
-    progress: count the layers on stderr."""
+    have fp8 values if the checkpoint stores them so (cfg.fp8) or quantize rounds them so; keep_fp8 holds
+    those as fp8 Projs (the CUDA kernels read them), else they are dequantized to dtype. progress: count
+    the layers on stderr."""
     from safetensors import safe_open
     expected, files = checkpoint_shapes(cfg), _checkpoint_files(model_dir)
     handles, where = {}, {}  # file -> open handle; tensor name -> handle
@@ -271,16 +287,16 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
                 raise
             raise NanofastError(f"cannot read tensor {name} ({e})") from None
 
-    def linear(*names):  # projections stacked -> (weight, fp8 block scales or None)
+    def proj(*names) -> Proj:  # projections stacked into one matrix
         if cfg.fp8:
-            pairs = [(get(n + ".weight", None), get(n + ".weight_scale_inv", torch.float32)) for n in names]
+            parts = [Proj(get(n + ".weight", None), get(n + ".weight_scale_inv", torch.float32)) for n in names]
         elif quantize:
-            pairs = [quantize_fp8(get(n + ".weight", None)) for n in names]
+            parts = [quantize_fp8(get(n + ".weight", None)) for n in names]
         else:
-            return torch.cat([get(n + ".weight") for n in names]), None
+            return Proj(torch.cat([get(n + ".weight") for n in names]))
         if not keep_fp8:
-            return torch.cat([dequantize(w, s, dtype) for w, s in pairs]), None
-        return torch.cat([w for w, _ in pairs]), torch.cat([s for _, s in pairs])
+            return Proj(torch.cat([dequantize(p, dtype) for p in parts]))
+        return Proj(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]))
 
     layers = []
     for i in range(cfg.num_layers):
@@ -288,16 +304,16 @@ def load_weights(model_dir: str, cfg: Config, dtype: torch.dtype, device, quanti
             print(f"\r[nanofast] loading layer {i + 1} of {cfg.num_layers}", end="", file=sys.stderr, flush=True)
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        (qkv, qkv_s), (o, o_s) = linear(a + "q_proj", a + "k_proj", a + "v_proj"), linear(a + "o_proj")
-        (gate_up, gate_up_s), (down, down_s) = linear(m + "gate_proj", m + "up_proj"), linear(m + "down_proj")
-        layers.append(Layer(attn_norm=get(p + "input_layernorm.weight"), qkv=qkv, q_norm=get(a + "q_norm.weight"),
-                            k_norm=get(a + "k_norm.weight"), o=o, mlp_norm=get(p + "post_attention_layernorm.weight"),
-                            gate_up=gate_up, down=down, qkv_s=qkv_s, o_s=o_s, gate_up_s=gate_up_s, down_s=down_s))
+        layers.append(Layer(attn_norm=get(p + "input_layernorm.weight"),
+                            qkv=proj(a + "q_proj", a + "k_proj", a + "v_proj"), q_norm=get(a + "q_norm.weight"),
+                            k_norm=get(a + "k_norm.weight"), o=proj(a + "o_proj"),
+                            mlp_norm=get(p + "post_attention_layernorm.weight"),
+                            gate_up=proj(m + "gate_proj", m + "up_proj"), down=proj(m + "down_proj")))
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
     if progress:
         print("\r\033[K", end="", file=sys.stderr)  # clears the counter's line
-    return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+    return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=Proj(lm_head))
 
 
 # -----------------------------------------------------------------------------
@@ -315,8 +331,7 @@ class Tokenizer:
             self.tok = _Tokenizer.from_file(path)
         except Exception as e:
             raise NanofastError(f"{path}: cannot load tokenizer ({e})") from None
-        self.generation = generation_defaults(model_dir)  # sampling defaults and stop ids
-        self.eos_ids = self.generation["eos_ids"]
+        self.defaults = generation_defaults(model_dir)  # sampling defaults and stop ids ("eos_ids")
 
     def encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -349,44 +364,48 @@ class Tokenizer:
         return text if think else text + "<think>\n\n</think>\n\n"
 
 
-class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back split UTF-8 characters: byte-level
-    BPE can split one character over several tokens, and a prefix of them decodes to U+FFFD."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.pending = tokenizer, []
-
-    def push(self, token: int) -> str:
-        self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd"):
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self) -> str:
-        text, self.pending = self.tokenizer.decode(self.pending), []
-        return text
+def stream_text(tokenizer: Tokenizer, tokens, ids: list):
+    """Yield the text of a stream of token ids as they arrive, appending each id to ids. Byte-level
+    BPE can split one character over several tokens, and a prefix of them decodes to U+FFFD, so
+    such tokens are held back until the character is whole. Closing this closes tokens."""
+    pending = []
+    try:
+        for token in tokens:
+            ids.append(token)
+            pending.append(token)
+            text = tokenizer.decode(pending)
+            if not text.endswith("\ufffd"):
+                pending = []
+                yield text
+        if pending:
+            yield tokenizer.decode(pending)
+    finally:
+        tokens.close()
 
 
 # -----------------------------------------------------------------------------
 # KV cache
 
 class KVCache:
-    """Per layer, K and V of shape (num_pages, page_size, Hkv, hd), allocated once. Pages are in order
-    (page table = arange), so token t lives at page t // page_size, slot t % page_size, and flat(layer)
-    is a plain (max_tokens, Hkv, hd) view. That is the layout FlashInfer's paged kernels take."""
+    """K and V of every layer, (max_seq_len, Hkv, hd) each, in one block allocated once. One sequence
+    fills rows 0, 1, 2, ... in order, so a page table would be the identity: the cache has none, and
+    FlashInfer's single-sequence prefill and the decode kernel read the rows directly.
+    tokens: the ids whose K/V rows 0..len(tokens)-1 hold; wrote() keeps it, on every path, where the
+    rows are written. After a generation it holds the prompt and every new token but the last."""
 
-    def __init__(self, cfg: Config, max_seq_len: int, page_size: int, dtype, device):
-        self.page_size, self.num_pages = page_size, -(-max_seq_len // page_size)
-        shape = (cfg.num_layers, 2, self.num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    def __init__(self, cfg: Config, max_seq_len: int, dtype, device):
+        shape = (cfg.num_layers, 2, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = list(self.data[:, 0]), list(self.data[:, 1])  # per layer
-        self.page_table = torch.arange(self.num_pages, dtype=torch.int32, device=device)
+        self.tokens = []
 
-    def flat(self, layer: int):  # -> (max_tokens, Hkv, hd) views of K and V
-        k, v = self.k[layer], self.v[layer]
-        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+    def wrote(self, pos: int, ids):  # K/V rows pos.. now hold ids; rows after them hold nothing valid
+        del self.tokens[pos:]
+        self.tokens.extend(ids if len(self.tokens) == pos else [])
+
+    def reusable(self, ids) -> int:  # how many leading tokens of ids the cache holds (all but the last at most)
+        return next((i for i, (a, b) in enumerate(zip(self.tokens, ids[:-1])) if a != b),
+                    min(len(self.tokens), len(ids) - 1))
 
 
 # -----------------------------------------------------------------------------
@@ -420,36 +439,35 @@ def plain_attention(q, k, v, pos):  # q (T, Hq, hd), k/v (pos+T, Hkv, hd) -> (T,
     return torch.einsum("hts,shd->thd", probs, v).reshape(T, -1)
 
 
-def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int, attention=plain_attention, last_only=False):
-    """Run tokens ids (T,) at positions pos..pos+T-1, writing their K/V into the cache.
+def forward(w: Weights, cfg: Config, cache: KVCache, rope, ids: list, pos: int, attention=plain_attention,
+            last_only=False):
+    """Run the T tokens ids at positions pos..pos+T-1, writing their K/V into the cache.
     Returns fp32 logits (T, V), or (1, V) for the last token only."""
-    T, Hq, Hkv, hd, eps = ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    T, Hq, Hkv, hd, eps = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
-    x = w.embed[ids]  # (T, D)
-    for i, L in enumerate(w.layers):
-        q, k, v = (rms_norm(x, L.attn_norm, eps) @ dequantize(L.qkv, L.qkv_s, x.dtype).T).split(
+    x = w.embed[torch.tensor(ids, device=w.embed.device)]  # (T, D)
+    for layer, k_cache, v_cache in zip(w.layers, cache.k, cache.v):
+        q, k, v = (rms_norm(x, layer.attn_norm, eps) @ dequantize(layer.qkv, x.dtype).T).split(
             [Hq * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = apply_rope(rms_norm(q.view(T, Hq, hd), L.q_norm, eps), cos, sin)
-        k = apply_rope(rms_norm(k.view(T, Hkv, hd), L.k_norm, eps), cos, sin)
-        k_cache, v_cache = cache.flat(i)
+        q = apply_rope(rms_norm(q.view(T, Hq, hd), layer.q_norm, eps), cos, sin)
+        k = apply_rope(rms_norm(k.view(T, Hkv, hd), layer.k_norm, eps), cos, sin)
         k_cache[pos:pos + T], v_cache[pos:pos + T] = k, v.view(T, Hkv, hd)
-        x = x + attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ dequantize(L.o, L.o_s, x.dtype).T
-        gate, up = (rms_norm(x, L.mlp_norm, eps) @ dequantize(L.gate_up, L.gate_up_s, x.dtype).T).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ dequantize(L.down, L.down_s, x.dtype).T
+        x = x + attention(q, k_cache[:pos + T], v_cache[:pos + T], pos) @ dequantize(layer.o, x.dtype).T
+        gate, up = (rms_norm(x, layer.mlp_norm, eps) @ dequantize(layer.gate_up, x.dtype).T).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ dequantize(layer.down, x.dtype).T
+    cache.wrote(pos, ids)
     if last_only:
         x = x[-1:]
-    return (rms_norm(x, w.norm, eps) @ w.lm_head.T).float()
+    return (rms_norm(x, w.norm, eps) @ w.lm_head.weight.T).float()
 
 
 # -----------------------------------------------------------------------------
 # sampling (plain torch)
 
-def sample(logits, temperature: float, top_k: int, top_p: float, generator=None) -> int:
-    """One token from fp32 logits (V,), with transformers' semantics: divide by the temperature, keep
-    the top_k highest scores (0 = all), then the smallest set whose probability reaches top_p (1.0 =
-    all). Temperature 0 is greedy."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
+def sampling_probs(logits, temperature: float, top_k: int, top_p: float):
+    """The distribution (V,) that fp32 logits (V,) are sampled from, with transformers' semantics: divide
+    by the temperature (> 0), keep the top_k highest scores (0 = all), then the smallest set whose
+    probability reaches top_p (1.0 = all)."""
     scores = logits.detach().float().cpu() / temperature
     if 0 < top_k < scores.numel():
         kth = torch.topk(scores, top_k).values[-1]
@@ -461,7 +479,50 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
         drop = above >= top_p
         drop[0] = False
         scores[order[drop]] = -math.inf
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    return scores.softmax(-1)
+
+
+def sample(logits, temperature: float, top_k: int, top_p: float, generator=None) -> int:
+    """One token from fp32 logits (V,); temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator))
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding (plain torch)
+#
+# A round drafts up to k tokens cheaply, the model scores its last token and the drafts in one
+# forward (k + 1 rows, one pass over the weights), keeps the longest prefix of drafts it agrees
+# with and adds one token of its own. Drafts are deterministic (prompt lookup, or a draft model's
+# greedy tokens), so accepting draft x with probability p(x), and otherwise drawing from p with x
+# removed, draws exactly from p (p: the distribution sample() draws from): speculation changes the
+# speed, never the distribution, and greedy runs yield the model's own greedy tokens.
+
+def lookup_drafts(context: list, k: int, max_n: int = 3) -> list:
+    """Prompt lookup: up to k tokens that followed the latest earlier occurrence of context's last n
+    tokens (the longest n <= max_n that occurs), or none."""
+    for n in range(min(max_n, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for i in range(len(context) - n - 1, -1, -1):
+            if context[i:i + n] == tail:
+                return context[i + n:i + n + k]
+    return []
+
+
+def accept_drafts(rows, drafts: list, temperature, top_k, top_p, generator=None) -> tuple:
+    """(a, token): the model keeps drafts[:a] and draws token. rows: its fp32 logits (len(drafts) + 1,
+    V) after the token before the drafts and after each draft; row i judges drafts[i]."""
+    for i, x in enumerate(drafts):
+        if temperature <= 0:
+            if int(torch.argmax(rows[i])) != x:
+                return i, int(torch.argmax(rows[i]))
+            continue
+        p = sampling_probs(rows[i], temperature, top_k, top_p)
+        if float(torch.rand((), generator=generator)) >= float(p[x]):
+            p[x] = 0.0  # the rest of p, renormalised by multinomial; not empty, or x would have passed
+            return i, int(torch.multinomial(p, 1, generator=generator))
+    return len(drafts), sample(rows[len(drafts)], temperature, top_k, top_p, generator)
 
 
 # -----------------------------------------------------------------------------
@@ -501,9 +562,11 @@ RESID_ONE = tl.constexpr(4294967296.0)  # 2^32
 
 @triton.jit
 def _to_resid(x, ptr):  # fp32 x as stored at ptr: rounded to fixed point if the residual is int64
-    if ptr.dtype.element_ty == tl.int64:
-        return tl.floor(x * RESID_ONE + 0.5).to(tl.int64)
-    return x
+    if ptr.dtype.element_ty == tl.int64:  # (one return: Triton types every return, even an untaken one's)
+        y = tl.floor(x * RESID_ONE + 0.5).to(tl.int64)
+    else:
+        y = x
+    return y
 
 
 @triton.jit
@@ -516,11 +579,11 @@ def _pdl_wait(USE_PDL: tl.constexpr):
 # --- 1. embedding lookup
 
 @triton.jit
-def _embed_kernel(tok_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _embed_kernel(token_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tok = tl.load(tok_ptr).to(tl.int64)
-    row = tl.load(e_ptr + tok * D + offs, mask=offs < D, other=0.0)
+    token = tl.load(token_ptr).to(tl.int64)
+    row = tl.load(e_ptr + token * D + offs, mask=offs < D, other=0.0)
     tl.store(h_ptr + offs, _to_resid(row.to(tl.float32), h_ptr), mask=offs < D)
 
 
@@ -557,7 +620,7 @@ def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):  # as fp32; a fi
     else:
         v = tl.load(ptrs, mask=kk < K, other=0)
     if v.dtype == tl.int64:
-        return v.to(tl.float32) * (1.0 / RESID_ONE)
+        v = v.to(tl.float32) * (1.0 / RESID_ONE)
     return v.to(tl.float32)
 
 
@@ -572,7 +635,7 @@ def _load_bcast(ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.con
 
 
 @triton.jit
-def _acc_zeros(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+def _zeros_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
     if FP8:
         acc = tl.zeros([BLOCK_N, BLOCK_K // 128], dtype=tl.float32)
     else:
@@ -581,7 +644,7 @@ def _acc_zeros(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
 
 
 @triton.jit
-def _acc(acc, w, a, s_ptr, row0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
+def _accumulate(acc, w, a, s_ptr, row0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
          FP8: tl.constexpr):
     # acc += w * a for the weight tile at columns k0... fp8: the partial sums of each 128-column
     # group times its block scale (the program's rows lie in one 128-row block: BLOCK_N divides
@@ -589,9 +652,9 @@ def _acc(acc, w, a, s_ptr, row0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexp
     # to keep as many bytes in flight as bf16's without running out of registers.
     if FP8:
         G: tl.constexpr = BLOCK_K // 128
-        KB: tl.constexpr = (K + 127) // 128
+        K_BLOCKS: tl.constexpr = (K + 127) // 128
         g = k0 // 128 + tl.arange(0, G)
-        scale = tl.load(s_ptr + (row0 // 128) * KB + g, mask=g < KB, other=0.0)
+        scale = tl.load(s_ptr + (row0 // 128) * K_BLOCKS + g, mask=g < K_BLOCKS, other=0.0)
         acc += tl.sum(tl.reshape(w.to(tl.float32) * a, [BLOCK_N, G, 128]), axis=2) * scale[None, :]
     else:
         acc += w.to(tl.float32) * a
@@ -608,48 +671,45 @@ def _load_xn(x_ptr, nw_ptr, kk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K:
     return xn, x * x
 
 
-# fp8 tiles of the fused RMSNorm GEMVs where an H100 sweep (us per GEMV in a graph, PDL on) beat the rule
-# in gemv_config: (N, K) -> (BLOCK_N, BLOCK_K, unroll the K loop). Keys are Qwen3's [N_qkv, D] and [2I, D].
-FP8_TILES = {(6144, 2560): (16, 512, False),  # 4B qkv: the rule's tiles, but unrolled 8.5 us, as a loop 7.7
-             (6144, 4096): (16, 1024, True),  # 8B qkv 12.6 -> 10.2
-             (12288, 2048): (16, 512, True),  # 1.7B gate/up 11.4 -> 9.7
-             (19456, 2560): (32, 256, True),  # 4B gate/up 21.8 -> 19.0
-             (34816, 5120): (8, 1024, True)}  # 14B gate/up 69.8 -> 62.3
+# fp8 tiles of the fused RMSNorm GEMVs where a sweep on an H100 (each GEMV timed in a graph, PDL on) beat
+# the rule in gemv_tiles: (N, K) -> (BLOCK_N, BLOCK_K, unroll the K loop), for Qwen3's [N_qkv, D] and [2I, D].
+# Unrolling lets the loads of later tiles issue early; where it spills registers (4B qkv) it loses.
+FP8_TILES = {(6144, 2560): (16, 512, False), (6144, 4096): (16, 1024, True), (12288, 2048): (16, 512, True),
+             (19456, 2560): (32, 256, True), (34816, 5120): (8, 1024, True)}
 
 
-def unroll_fp8(N, K, scale):
-    """Whether the fused GEMVs unroll their K loop: fp8 only (bf16 gains nothing and needs more registers)."""
-    return scale is not None and FP8_TILES.get((N, K), (0, 0, True))[2]
-
-
-def gemv_config(N, K, split_k=False, fp8=False):
-    """(BLOCK_N, BLOCK_K, SPLIT_K) for an [N, K] bf16 (or fp8) GEMV, launched with 4 warps.
-    An H100 needs roughly 16-32 KB of loads in flight per SM to saturate HBM, and matrices
-    range from ~4 MB (0.6B o_proj) to ~100 MB (8B gate_up), so:
-      * BLOCK_K = 512: a warp reads 256 contiguous bf16 of a row, 16 bytes per thread
-        (fp8: up to 2048, summed per 128-column group, see _acc);
-      * BLOCK_N = 8 rows while that still gives >= 3 programs per SM, else 4, to keep
-        every SM busy (16 rows measured slower, lm_head included);
-      * small-N matrices (o_proj, down_proj: N = D) instead split K into up to 8 ranges
-        of 256-wide tiles, whose programs add atomically into h.
-    Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for rmsnorm_gemv_silu,
-    which holds two tiles): beyond that the tile, its prefetch and the fp32 accumulator spill on sm_90."""
-    if fp8:  # whole 128-column groups that divide K (else the last tile is masked), up to 16K weights per tile
+def gemv_tiles(kind: str, N: int, K: int, fp8: bool = False) -> tuple:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, UNROLL) for a GEMV over an [N, K] matrix (bf16/fp16, or fp8), 4 warps.
+    kind: "norm" (rmsnorm_gemv), "silu" (rmsnorm_gemv of [gate; up], N = 2I: BLOCK_N counts outputs, so a
+    program streams 2 BLOCK_N rows) or "add" (gemv_add). An H100 needs roughly 16-32 KB of loads in flight
+    per SM to saturate HBM, and matrices range from ~4 MB (0.6B o_proj) to ~100 MB (8B gate_up), so:
+      * BLOCK_K = 512: a warp reads 256 contiguous bf16 of a row, 16 bytes per thread (fp8: whole
+        128-column groups that divide K, up to 2048, summed per group, see _accumulate);
+      * BLOCK_N = 8 rows while that still gives >= 3 programs per SM, else 4, to keep every SM busy
+        (16 rows is slower, lm_head included); fp8: 16K weights per tile, or FP8_TILES;
+      * small-N matrices (o_proj, down_proj: N = D) instead split K into ranges of 256-wide tiles (fp8:
+        ranges of two tiles, since a one-tile range has nothing to prefetch, while >= 1024 programs remain),
+        whose programs add into h with atomics. The K loop is unrolled for fp8 only: bf16 gains nothing.
+    Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for "silu", which holds two
+    tiles): beyond that the tile, its prefetch and the fp32 accumulator spill on sm_90."""
+    if fp8:
         kb = triton.cdiv(K, 128)
         BLOCK_K = 128 * min(16, kb & -kb if K % 128 == 0 else triton.next_power_of_2(kb))
     else:
         BLOCK_K = min(512, max(64, triton.next_power_of_2(K)))
-    if split_k:
+    if kind == "add":
         BLOCK_K = min(BLOCK_K, 1024 if fp8 else 256)
-        # fp8: whole ranges of two tiles (a one-tile range has nothing to prefetch: 8B o_proj 6.3 us, against
-        # 4.4), 1024, 512 or 256 wide, where that still leaves >= 1024 programs; else one tile per range
         for bk in (BLOCK_K, 512, 256) if fp8 else ():
             if K % (2 * bk) == 0 and N // 8 * (K // (2 * bk)) >= 1024:
-                return 8, bk, K // (2 * bk)
-        return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K))
+                return 8, bk, K // (2 * bk), False
+        return 8, BLOCK_K, min(8, triton.cdiv(K, BLOCK_K)), False
     if fp8:
-        return FP8_TILES.get((N, K), (max(1, min(16, 16384 // BLOCK_K)), BLOCK_K))[:2] + (1,)
-    return (8 if triton.cdiv(N, 8) >= 3 * num_sms() else 4), BLOCK_K, 1
+        BLOCK_N, BLOCK_K, unroll = FP8_TILES.get((N, K), (max(1, min(16, 16384 // BLOCK_K)), BLOCK_K, True))
+    else:
+        BLOCK_N, unroll = (8 if triton.cdiv(N, 8) >= 3 * num_sms() else 4), False
+    if kind == "silu":
+        BLOCK_N = max(1, BLOCK_N // 2)
+    return BLOCK_N, BLOCK_K, 1, unroll
 
 
 # --- 2. fused RMSNorm + GEMV:  out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w)
@@ -668,32 +728,20 @@ def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
     LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
     w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)              # before the wait: weights are constant
     _pdl_wait(USE_PDL)
-    acc = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
+    acc = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, LAST, BLOCK_K, loop_unroll_factor=LAST // BLOCK_K if UNROLL else 1):
         w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
         xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-        acc = _acc(acc, w, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
+        acc = _accumulate(acc, w, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
         ss += x2
         w = w_next
     xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc = _acc(acc, w, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
+    acc = _accumulate(acc, w, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
     ss += x2
     rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     y = tl.sum(acc, axis=1) * rstd                                     # [BLOCK_N]
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
-
-
-def rmsnorm_gemv(x, norm_w, W, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x [K] (the residual: int64 fixed point, or fp32), norm_w [K], W [N, K] (fp8 with block scales, or as out),
-    out [N] (qkv: bf16/fp16, logits: fp32)"""
-    N, K = W.shape
-    bn, bk, _ = gemv_config(N, K, fp8=scale is not None)
-    BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
-    _rmsnorm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, norm_w, W, W if scale is None else scale, out, eps, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, UNROLL=unroll_fp8(N, K, scale),
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
@@ -712,22 +760,22 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
     wg = _load_w(g_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
     wu = _load_w(u_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
-    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
+    acc_g = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
+    acc_u = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, LAST, BLOCK_K, loop_unroll_factor=LAST // BLOCK_K if UNROLL else 1):
         nk = k0 + BLOCK_K + cols
         wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
         wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
         xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-        acc_g = _acc(acc_g, wg, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
-        acc_u = _acc(acc_u, wu, xn, s_ptr, I + row0, k0, BLOCK_N, BLOCK_K, K, FP8)
+        acc_g = _accumulate(acc_g, wg, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
+        acc_u = _accumulate(acc_u, wu, xn, s_ptr, I + row0, k0, BLOCK_N, BLOCK_K, K, FP8)
         ss += x2
         wg = wg_next
         wu = wu_next
     xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc_g = _acc(acc_g, wg, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
-    acc_u = _acc(acc_u, wu, xn, s_ptr, I + row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
+    acc_g = _accumulate(acc_g, wg, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
+    acc_u = _accumulate(acc_u, wu, xn, s_ptr, I + row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
     ss += x2
     rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     gate = tl.sum(acc_g, axis=1) * rstd
@@ -736,50 +784,50 @@ def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
 
 
-def rmsnorm_gemv_silu(x, norm_w, W_gu, out, eps, scale=None, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """x [K] (as rmsnorm_gemv's), norm_w [K], W_gu [2I, K] = cat(W_gate, W_up) (fp8 with block scales, or as out),
-    out [I] (bf16/fp16). BLOCK_N counts outputs, so a program streams 2*BLOCK_N weight rows;
-    the default is the config of the whole [2I, K] matrix with BLOCK_N halved."""
-    N2, K = W_gu.shape
-    I = N2 // 2
-    bn, bk, _ = gemv_config(N2, K, fp8=scale is not None)
-    BLOCK_N, BLOCK_K = BLOCK_N or max(1, bn // 2), BLOCK_K or bk  # fp8 rule: 8192 weights per matrix and tile
-    _rmsnorm_gemv_silu_kernel[(triton.cdiv(I, BLOCK_N),)](
-        x, norm_w, W_gu, W_gu if scale is None else scale, out, eps, I=I, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=I % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, UNROLL=unroll_fp8(N2, K, scale),
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+def rmsnorm_gemv(x, norm_w, W: Proj, out, eps, silu=False, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
+    """out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w): x [K] (the residual, int64 fixed point, or fp32),
+    norm_w [K], out [N] (qkv: bf16/fp16, logits: fp32). silu: W = [gate; up] (2I, K) and out [I] =
+    silu(gate @ xn) * (up @ xn). BLOCK_N/BLOCK_K override gemv_tiles (tests)."""
+    N, K = W.shape
+    bn, bk, _, unroll = gemv_tiles("silu" if silu else "norm", N, K, W.fp8)
+    BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
+    kernel, rows = (_rmsnorm_gemv_silu_kernel, N // 2) if silu else (_rmsnorm_gemv_kernel, N)
+    kernel[(triton.cdiv(rows, BLOCK_N),)](
+        x, norm_w, W.weight, W.scale if W.fp8 else W.weight, out, eps, rows, K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_N=rows % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=W.fp8, UNROLL=unroll, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
-# N = D is small and K is large, so K is split into SPLIT_K ranges of KS columns (a multiple of
-# BLOCK_K; the last range may be shorter, so no tile is masked where BLOCK_K divides K); program
-# (i, j) adds its partial sums into h with a relaxed fp32 atomic. The kernel boundary orders
-# these adds before any reader. With the fixed-point residual the adds are exact, so their order,
-# which varies from run to run, does not change h.
+# N = D is small and K is large, so K is split into SPLIT_K ranges of SPLIT_COLS columns (a multiple
+# of BLOCK_K; the last range may be shorter, so no tile is masked where BLOCK_K divides K); program
+# (i, j) adds its partial sums into h with a relaxed atomic. The kernel boundary orders these adds
+# before any reader. With the fixed-point residual the adds are exact, so their order, which varies
+# from run to run, does not change h.
 
 @triton.jit
 def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
-                     N: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
+                     N: tl.constexpr, K: tl.constexpr, SPLIT_COLS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
-    k_begin = tl.program_id(1) * KS
+    k_begin = tl.program_id(1) * SPLIT_COLS
     cols = k_begin + tl.arange(0, BLOCK_K)                             # [BLOCK_K] columns of tile 0
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
     # the last split may be shorter; where all splits are whole, the loop bound is a compile-time constant
-    EVEN_SPLIT: tl.constexpr = K % KS == 0
-    LAST = KS - BLOCK_K if EVEN_SPLIT else (tl.minimum(KS, K - k_begin) - 1) // BLOCK_K * BLOCK_K
+    EVEN_SPLIT: tl.constexpr = K % SPLIT_COLS == 0
+    LAST = SPLIT_COLS - BLOCK_K if EVEN_SPLIT else (tl.minimum(SPLIT_COLS, K - k_begin) - 1) // BLOCK_K * BLOCK_K
     w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
-    acc = _acc_zeros(BLOCK_N, BLOCK_K, FP8)
+    acc = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
     for k0 in range(0, LAST, BLOCK_K):
         w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, cols + (k0 + BLOCK_K), N, K, EVEN_N, EVEN_K)
         a = _load_bcast(a_ptr, cols + k0, BLOCK_N, BLOCK_K, K, EVEN_K)
-        acc = _acc(acc, w, a, s_ptr, row0, k_begin + k0, BLOCK_N, BLOCK_K, K, FP8)
+        acc = _accumulate(acc, w, a, s_ptr, row0, k_begin + k0, BLOCK_N, BLOCK_K, K, FP8)
         w = w_next
     a = _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc = _acc(acc, w, a, s_ptr, row0, k_begin + LAST, BLOCK_N, BLOCK_K, K, FP8)
+    acc = _accumulate(acc, w, a, s_ptr, row0, k_begin + LAST, BLOCK_N, BLOCK_K, K, FP8)
     y = _to_resid(tl.sum(acc, axis=1), h_ptr)                         # [BLOCK_N]
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
@@ -788,17 +836,17 @@ def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
         tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
 
 
-def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
-    """a [K] (bf16), W [N, K] (fp8 with block scales, or as a), h int64[N] (fixed point) or fp32[N]  ->  h += W @ a"""
+def gemv_add(a, W: Proj, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
+    """h += W @ a: a [K] (bf16/fp16), W [N, K], h [N] int64 (fixed point) or fp32. The overrides are for tests."""
     N, K = W.shape
-    bn, bk, sk = gemv_config(N, K, split_k=True, fp8=scale is not None)
+    bn, bk, sk, _ = gemv_tiles("add", N, K, W.fp8)
     BLOCK_N, BLOCK_K, SPLIT_K = BLOCK_N or bn, BLOCK_K or bk, SPLIT_K or sk
-    KS = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    split = triton.cdiv(K, KS)  # rounding KS up to BLOCK_K may leave fewer splits
+    cols = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    split = triton.cdiv(K, cols)  # rounding the range up to BLOCK_K may leave fewer ranges
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
-        a, W, W if scale is None else scale, h, N=N, K=K, KS=KS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
-        EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=scale is not None, USE_PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=4)
+        a, W.weight, W.scale if W.fp8 else W.weight, h, N=N, K=K, SPLIT_COLS=cols, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, SPLIT_K=split, EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=W.fp8,
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
 # --- 5. decode attention: q/k RMSNorm + RoPE + KV-cache append, then split-KV attention
@@ -828,6 +876,8 @@ def gemv_add(a, W, h, scale=None, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_
 @triton.jit
 def _norm_rope(x_ptr, rows, d, w_ptr, cos_ptr, sin_ptr, pos, eps, row_ok, HD: tl.constexpr):
     """RMSNorm(x) * w, then RoPE at pos, for heads rows [R, 1] of x, elements d [1, HD] -> fp32 [R, HD].
+    All in fp32, rounded once at the end; forward() and the prefill copy (_qk_norm_rope_rows) round after
+    every torch op, as they must to give prefill the reference's exact values, which decode need not.
     RoPE (rotate_half form) pairs element d with d +/- HD/2, so x's partner (halves swapped) is loaded too:
         y[d] = x[d] * cos[d % HD/2] - x[d + HD/2] * sin[..]   for d <  HD/2
         y[d] = x[d] * cos[d % HD/2] + x[d - HD/2] * sin[..]   for d >= HD/2"""
@@ -860,16 +910,16 @@ def _decode_attn_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
                         stride_kt, stride_kh, stride_vt, stride_vh,
                         G: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, SINGLE_MAX: tl.constexpr,
-                        COMB: tl.constexpr, USE_PDL: tl.constexpr):
+                        MERGE_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     h = tl.program_id(0)
     split = tl.program_id(1)
     pos = tl.load(pos_ptr)  # written by an earlier replay's sampler: safe before the PDL wait
-    L = pos + 1
-    chunk = tl.cdiv(tl.cdiv(L, NSPLIT), BLOCK_S) * BLOCK_S
-    chunk = tl.where(L <= SINGLE_MAX, SINGLE_MAX, chunk)  # short contexts: one program per kv head
-    n_active = tl.cdiv(L, chunk)
+    n_rows = pos + 1
+    chunk = tl.cdiv(tl.cdiv(n_rows, NSPLIT), BLOCK_S) * BLOCK_S
+    chunk = tl.where(n_rows <= SINGLE_MAX, SINGLE_MAX, chunk)  # short contexts: one program per kv head
+    n_active = tl.cdiv(n_rows, chunk)
     start = split * chunk
-    end = tl.minimum(start + chunk, L)  # start >= end for splits with no rows
+    end = tl.minimum(start + chunk, n_rows)  # start >= end for splits with no rows
     d = tl.arange(0, HD)
     k_base = k_ptr + h * stride_kh + d[None, :]
     v_base = v_ptr + h * stride_vh + d[None, :]
@@ -925,17 +975,17 @@ def _decode_attn_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel")
         if arrived == n_active - 1:  # last to arrive: merge the n_active partials
-            sp = tl.arange(0, COMB)
+            sp = tl.arange(0, MERGE_BLOCK)  # a block of partials merged at once
             for gi in tl.static_range(G):
                 base = (h * G + gi) * NSPLIT
                 m_max = float("-inf")
-                for s0 in tl.static_range(0, NSPLIT, COMB):  # masked past n_active: no loads
+                for s0 in tl.static_range(0, NSPLIT, MERGE_BLOCK):  # masked past n_active: no loads
                     ms = tl.load(m_ptr + base + s0 + sp, mask=s0 + sp < n_active, other=float("-inf"),
                                  cache_modifier=".cg")
                     m_max = tl.maximum(m_max, tl.max(ms, axis=0))
-                den = tl.zeros([COMB], dtype=tl.float32)
-                o = tl.zeros([COMB, HD], dtype=tl.float32)
-                for s0 in tl.static_range(0, NSPLIT, COMB):
+                den = tl.zeros([MERGE_BLOCK], dtype=tl.float32)
+                o = tl.zeros([MERGE_BLOCK, HD], dtype=tl.float32)
+                for s0 in tl.static_range(0, NSPLIT, MERGE_BLOCK):
                     ok = s0 + sp < n_active
                     ms = tl.load(m_ptr + base + s0 + sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
                     ls = tl.load(l_ptr + base + s0 + sp, mask=ok, other=0.0, cache_modifier=".cg")
@@ -972,16 +1022,16 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
         qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, out, m_s, l_s, acc_s, cnt, scale * LOG2E, eps,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         G=Hq // Hkv, HKV=Hkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_S=BLOCK_S,
-        NSPLIT=nsplit, SINGLE_MAX=single_max, COMB=min(32, triton.next_power_of_2(nsplit)),
+        NSPLIT=nsplit, SINGLE_MAX=single_max, MERGE_BLOCK=min(32, triton.next_power_of_2(nsplit)),
         USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4, num_stages=4)
 
 
 # --- 6. the sampler, inside the graph
 #
-# Sampler.sample() makes the same 7 launches on every call, each over cdiv(V, BLOCK) programs:
+# sample_on_gpu() makes the same 7 launches on every call, each over cdiv(V, BLOCK) programs:
 # a first pass (argmax, max, the first top-k digit), two more top-k digits, three top-p digits
-# and a Gumbel draw that writes tok, ring, pos and step. The settings live in device memory; a
-# kernel they turn off returns at once. The semantics are sample()'s (transformers'): top-k
+# and a Gumbel draw that writes token, pos, draws and a ring slot. The settings live in device
+# memory; a kernel they turn off returns at once. The semantics are sample()'s (transformers'): top-k
 # keeps ties with the k-th score; top-p, on the softmax over the top-k survivors, keeps a token
 # iff the mass of the tokens scored strictly higher is < top_p.
 #
@@ -998,12 +1048,13 @@ def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, pos, k_cache, v_cache, o
 #   logits only a few hundred remain. Z_k >= 1 with top-k on (the max is in the set), Z_k = Z
 #   (summed in the first pass) without; half that floor covers rounding.
 # * Gumbel-max. argmax_i (s_i + g_i), g_i = -log(-log(u_i)), is an exact sample of the
-#   softmax over the set the argmax runs over; u_i = Philox(key seed, counter (step, i)).
+#   softmax over the set the argmax runs over; u_i = Philox(key seed, counter (draws, i)).
 
 # Radix digits (shift, bits), 8 + 12 + 12 = 32 key bits. The first top-k digit sees every element,
 # so it is narrow (256 bins) and reduced in each program with tl.histogram; later passes see only
 # the elements sharing the prefix (usually a few), so wide digits with direct atomics keep them at 3.
 DIGITS = ((24, 8), (12, 12), (0, 12))
+RADIX_PASSES = [(False, digit) for digit in DIGITS[1:]] + [(True, digit) for digit in DIGITS]  # (top-p?, digit)
 MAX_BINS = 1 << 12
 
 # Probability masses that programs add up with atomics are 64-bit fixed point, mass * 2^40 (at most
@@ -1011,7 +1062,7 @@ MAX_BINS = 1 << 12
 # thresholds, like the residual stream, are the same on every run.
 MASS_ONE = tl.constexpr(1099511627776.0)  # 2^40
 
-# Scalar slots of Sampler.ints (int64; key prefixes are uint32 values) and Sampler.floats.
+# Scalar slots of DecodeState.ints (int64; key prefixes are uint32 values) and DecodeState.floats.
 I_ARGMAX = tl.constexpr(0)       # argmax of the logits
 I_TOPK_PREFIX = tl.constexpr(1)  # top-k key prefix found so far; after the last pass: the threshold
 I_TOPK_ABOVE = tl.constexpr(2)   # number of elements with a key above the prefix range
@@ -1081,11 +1132,11 @@ def _add_to_bins(bins_ptr, digit, val, mask, NBINS: tl.constexpr):
 
 
 @triton.jit
-def _is_last_program(counter_ptr):
+def _is_last_program(arrivals_ptr):
     """Take a ticket; True in the program that finishes last. The barrier orders every thread's
     stores and atomics before the ticket (release); the acquire half lets the last program see them all."""
     tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    ticket = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel")
     return ticket == tl.num_programs(0) - 1
 
 
@@ -1119,19 +1170,19 @@ def _best_of_parts(val_ptr, idx_ptr, NUM_PARTS: tl.constexpr):
 
 
 @triton.jit
-def _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size):
-    step = tl.load(step_ptr)
-    tl.store(tok_ptr, token)
-    tl.store(ring_ptr + step % ring_size, token)
+def _emit_token(token, token_ptr, pos_ptr, draws_ptr, ring_ptr, ring_size):  # the next step's input
+    draws = tl.load(draws_ptr)
+    tl.store(token_ptr, token)
+    tl.store(ring_ptr + draws % ring_size, token)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
-    tl.store(step_ptr, step + 1)
+    tl.store(draws_ptr, draws + 1)
 
 
 @triton.jit
 def _first_pass_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
-    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
-    ints_ptr, floats_ptr, counters_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
+    token_ptr, pos_ptr, draws_ptr, ring_ptr, ring_size,
+    ints_ptr, floats_ptr, arrivals_ptr, count_bins_ptr, part_val_ptr, part_idx_ptr, part_z_ptr,
     V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -1158,11 +1209,11 @@ def _first_pass_kernel(
         w = tl.where(s > float("-inf"), tl.exp(s - s_local_max), 0.0)
         tl.store(part_z_ptr + pid, tl.sum(w, axis=0))
 
-    if _is_last_program(counters_ptr + COUNTER):
+    if _is_last_program(arrivals_ptr + COUNTER):
         best_val, argmax, vals = _best_of_parts(part_val_ptr, part_idx_ptr, NUM_PARTS)
         tl.store(ints_ptr + I_ARGMAX, argmax)
         if t == 0.0:
-            _emit_token(argmax, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
+            _emit_token(argmax, token_ptr, pos_ptr, draws_ptr, ring_ptr, ring_size)
         if sampling:
             s_max = tl.math.div_rn(best_val, t)
             tl.store(floats_ptr + F_SMAX, s_max)
@@ -1180,12 +1231,12 @@ def _first_pass_kernel(
             else:
                 tl.store(ints_ptr + I_TOPK_PREFIX, 0)  # threshold 0: every key passes
                 tl.store(ints_ptr + I_TOPK_COUNT, V)
-        tl.store(counters_ptr + COUNTER, 0)
+        tl.store(arrivals_ptr + COUNTER, 0)
 
 
 @triton.jit
 def _radix_pass_kernel(
-    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, floats_ptr, counters_ptr, bins_ptr,
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, ints_ptr, floats_ptr, arrivals_ptr, bins_ptr,
     V, BLOCK: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, COUNTER: tl.constexpr,
     TOPP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -1219,7 +1270,7 @@ def _radix_pass_kernel(
             else:
                 _add_to_bins(bins_ptr, _digit(key, SHIFT, BITS), cand.to(tl.int32), cand, 1 << BITS)
 
-        if _is_last_program(counters_ptr + COUNTER):
+        if _is_last_program(arrivals_ptr + COUNTER):
             if not TOPP:
                 d, above, at = _scan_bins(bins_ptr, 1 << BITS, tl.load(ints_ptr + I_TOPK_ABOVE), k)
                 tl.store(ints_ptr + I_TOPK_ABOVE, above)
@@ -1240,14 +1291,14 @@ def _radix_pass_kernel(
                 tl.store(ints_ptr + PREFIX, d)
             else:
                 tl.store(ints_ptr + PREFIX, ((prefix << BITS) | d.to(tl.uint32)).to(tl.int64))
-            tl.store(counters_ptr + COUNTER, 0)
+            tl.store(arrivals_ptr + COUNTER, 0)
 
 
 @triton.jit
 def _gumbel_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
-    tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size,
-    ints_ptr, counters_ptr, part_val_ptr, part_idx_ptr,
+    token_ptr, pos_ptr, draws_ptr, ring_ptr, ring_size,
+    ints_ptr, arrivals_ptr, part_val_ptr, part_idx_ptr,
     V, BLOCK: tl.constexpr, NUM_PARTS: tl.constexpr, COUNTER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """token = argmax over allowed i of (s_i + Gumbel_i); the last program writes the outputs."""
@@ -1263,8 +1314,8 @@ def _gumbel_kernel(
         best_val = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.full([], 0, tl.int32)
         if tl.max(allowed.to(tl.int32), axis=0) > 0:  # with top-k/top-p most blocks skip the RNG
-            step = tl.load(step_ptr)
-            u = tl.rand(tl.load(seed_ptr), (step << 32) + offs.to(tl.int64))
+            draws = tl.load(draws_ptr)
+            u = tl.rand(tl.load(seed_ptr), (draws << 32) + offs.to(tl.int64))
             gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))  # u can be exactly 0
             score = tl.where(allowed, s + gumbel, float("-inf"))
             best_val, best_i = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
@@ -1272,65 +1323,40 @@ def _gumbel_kernel(
         tl.store(part_val_ptr + pid, best_val)
         tl.store(part_idx_ptr + pid, best_idx)
 
-        if _is_last_program(counters_ptr + COUNTER):
+        if _is_last_program(arrivals_ptr + COUNTER):
             top_val, token, _ = _best_of_parts(part_val_ptr, part_idx_ptr, NUM_PARTS)
             # Only if every allowed score were -inf (all logits -inf): fall back to the argmax.
             token = tl.where(top_val > float("-inf"), token, tl.load(ints_ptr + I_ARGMAX))
-            _emit_token(token, tok_ptr, pos_ptr, step_ptr, ring_ptr, ring_size)
-            tl.store(counters_ptr + COUNTER, 0)
+            _emit_token(token, token_ptr, pos_ptr, draws_ptr, ring_ptr, ring_size)
+            tl.store(arrivals_ptr + COUNTER, 0)
 
 
-class Sampler:
-    """The sampler's device memory: settings (rewritten by set_params between generations),
-    outputs (advanced by every sample()) and scratch (left as found by every sample())."""
+def set_sampling(st: DecodeState, temperature, top_k=0, top_p=1.0, seed=0):
+    """Write the settings into st, between generations (not inside the graph), and restart the draws."""
+    check_sampling(temperature, top_k, top_p)
+    st.temperature.fill_(float(temperature))
+    st.top_k.fill_(int(top_k))
+    st.top_p.fill_(float(top_p))
+    st.seed.fill_(int(seed))
+    st.draws.zero_()
 
-    def __init__(self, vocab: int, ring_size: int, device, block: int = 1024):
-        self.vocab, self.block, self.num_programs = vocab, block, triton.cdiv(vocab, block)
-        zeros = lambda n, dtype=torch.int32: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
-        f32 = torch.float32
-        self.temperature = zeros(1, f32)     # 0 = greedy
-        self.top_k = zeros(1)                # 0 = off
-        self.top_p = zeros(1, f32) + 1.0     # 1.0 = off
-        self.seed = zeros(1, torch.int64)
-        self.step = zeros(1, torch.int64)    # tokens sampled in this generation (Philox counter)
-        self.tok = zeros(1)                  # the sampled token, also the next decode step's input
-        self.pos = zeros(1)                  # its position: advanced by one per call
-        self.ring = zeros(ring_size)         # ring[step % ring_size] = token
-        self.ints, self.floats = zeros(8, torch.int64), zeros(2, f32)  # the slots I_* and F_*
-        self.counters = zeros(7)             # one arrival counter per kernel
-        self.count_bins, self.mass_bins = zeros(MAX_BINS), zeros(MAX_BINS, torch.int64)  # top-k, top-p histograms
-        self.part_val = zeros(self.num_programs, f32)  # per program: best value (max logit or Gumbel score)
-        self.part_idx = zeros(self.num_programs)       # and its index
-        self.part_z = zeros(self.num_programs, f32)    # sum exp(s - the program's max)
 
-    def set_params(self, temperature, top_k=0, top_p=1.0, seed=0):
-        """Called between generations, not inside the graph. Also resets step to 0."""
-        check_sampling(temperature, top_k, top_p)
-        self.temperature.fill_(float(temperature))
-        self.top_k.fill_(int(top_k))
-        self.top_p.fill_(float(top_p))
-        self.seed.fill_(int(seed))
-        self.step.zero_()
-
-    def sample(self, logits, use_pdl=False):
-        """One token from fp32 logits [V] or [1, V] (contiguous) into tok; ring[step % R] = tok, pos += 1, step += 1."""
-        logits = logits.reshape(-1)
-        assert logits.numel() == self.vocab and logits.is_contiguous()
-        grid, V = (self.num_programs,), self.vocab
-        settings = (self.temperature, self.top_k, self.top_p)
-        outputs = (self.tok, self.pos, self.step, self.ring, self.ring.numel())
-        launch = dict(BLOCK=self.block, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
-        parts = triton.next_power_of_2(self.num_programs)
-        _first_pass_kernel[grid](logits, *settings, *outputs, self.ints, self.floats, self.counters,
-                                 self.count_bins, self.part_val, self.part_idx, self.part_z, V, NUM_PARTS=parts,
-                                 SHIFT=DIGITS[0][0], BITS=DIGITS[0][1], COUNTER=0, **launch)
-        passes = [(False, digit) for digit in DIGITS[1:]] + [(True, digit) for digit in DIGITS]
-        for counter, (topp, (shift, bits)) in enumerate(passes, start=1):
-            _radix_pass_kernel[grid](logits, *settings, self.ints, self.floats, self.counters,
-                                     self.mass_bins if topp else self.count_bins, V, SHIFT=shift, BITS=bits,
-                                     COUNTER=counter, TOPP=topp, **launch)
-        _gumbel_kernel[grid](logits, *settings, self.seed, *outputs, self.ints, self.counters, self.part_val,
-                             self.part_idx, V, NUM_PARTS=parts, COUNTER=6, **launch)
+def sample_on_gpu(st: DecodeState, use_pdl=False):
+    """Draw one token from st.logits into st.token; ring[draws % ring] = token, pos += 1, draws += 1."""
+    grid, V = (st.num_blocks,), st.logits.numel()
+    settings = (st.temperature, st.top_k, st.top_p)
+    outputs = (st.token, st.pos, st.draws, st.ring, st.ring.numel())
+    launch = dict(BLOCK=st.block, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+    parts = triton.next_power_of_2(st.num_blocks)
+    _first_pass_kernel[grid](st.logits, *settings, *outputs, st.ints, st.floats, st.arrivals, st.count_bins,
+                             st.part_val, st.part_idx, st.part_z, V, NUM_PARTS=parts, SHIFT=DIGITS[0][0],
+                             BITS=DIGITS[0][1], COUNTER=0, **launch)
+    for counter, (topp, (shift, bits)) in enumerate(RADIX_PASSES, start=1):
+        _radix_pass_kernel[grid](st.logits, *settings, st.ints, st.floats, st.arrivals,
+                                 st.mass_bins if topp else st.count_bins, V, SHIFT=shift, BITS=bits,
+                                 COUNTER=counter, TOPP=topp, **launch)
+    _gumbel_kernel[grid](st.logits, *settings, st.seed, *outputs, st.ints, st.arrivals, st.part_val, st.part_idx,
+                         V, NUM_PARTS=parts, COUNTER=len(RADIX_PASSES) + 1, **launch)
 
 
 # -----------------------------------------------------------------------------
@@ -1342,7 +1368,7 @@ class Sampler:
 # roundings of the plain-torch code it replaces, so prefill computes what forward() does.
 
 @triton.jit
-def _rnd(x, DT: tl.constexpr):  # round fp32 x to dtype DT and back, as a torch op in DT would
+def _round_to(x, DT: tl.constexpr):  # round fp32 x to dtype DT and back, as a torch op in DT would
     return x.to(DT).to(tl.float32)
 
 
@@ -1355,11 +1381,11 @@ def _rms_norm_rows_kernel(x_ptr, y_ptr, w_ptr, out_ptr, eps, D: tl.constexpr, BL
     XT: tl.constexpr = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # the residual add x += y, rounded to x's dtype like torch's
-        x = _rnd(x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), XT)
+        x = _round_to(x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), XT)
         tl.store(x_ptr + row * D + cols, x.to(XT), mask=mask)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) * (1.0 / D) + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + cols, (_rnd(x * rstd, XT) * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * D + cols, (_round_to(x * rstd, XT) * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_rows(x, w, eps, out, add=None):
@@ -1379,7 +1405,7 @@ def _silu_mul_rows_kernel(gu_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr)
     DT: tl.constexpr = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * I + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * I + I + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = _rnd(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT)  # torch's silu, rounded, then the product
+    silu = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT)  # torch's silu, rounded, then the product
     tl.store(out_ptr + row * I + cols, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1414,12 +1440,12 @@ def _qk_norm_rope_rows_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos0, q
     w1 = tl.where(qsel, tl.load(qw_ptr + half)[None, :], tl.load(kw_ptr + half)[None, :]).to(tl.float32)
     w2 = tl.where(qsel, tl.load(qw_ptr + HD // 2 + half)[None, :], tl.load(kw_ptr + HD // 2 + half)[None, :])
     rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) * (1.0 / HD) + eps)[:, None]
-    a = _rnd(_rnd(a * rstd, DT) * w1, DT)
-    b = _rnd(_rnd(b * rstd, DT) * w2.to(tl.float32), DT)
-    c = _rnd(tl.load(cos_ptr + pos * (HD // 2) + half)[None, :], DT)
-    s = _rnd(tl.load(sin_ptr + pos * (HD // 2) + half)[None, :], DT)
-    y1 = _rnd(_rnd(a * c, DT) - _rnd(b * s, DT), DT)
-    y2 = _rnd(_rnd(b * c, DT) + _rnd(a * s, DT), DT)
+    a = _round_to(_round_to(a * rstd, DT) * w1, DT)
+    b = _round_to(_round_to(b * rstd, DT) * w2.to(tl.float32), DT)
+    c = _round_to(tl.load(cos_ptr + pos * (HD // 2) + half)[None, :], DT)
+    s = _round_to(tl.load(sin_ptr + pos * (HD // 2) + half)[None, :], DT)
+    y1 = _round_to(_round_to(a * c, DT) - _round_to(b * s, DT), DT)
+    y2 = _round_to(_round_to(b * c, DT) + _round_to(a * s, DT), DT)
     q_dst = q_ptr + t.to(tl.int64) * HQ * HD + heads[:, None] * HD + half[None, :]
     tl.store(q_dst, y1.to(DT), mask=qsel)
     tl.store(q_dst + HD // 2, y2.to(DT), mask=qsel)
@@ -1442,21 +1468,13 @@ def qk_norm_rope_rows(qkv, q_norm_w, k_norm_w, cos, sin, pos: int, q_out, k_cach
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, KB, B: tl.constexpr):  # one B x B block per program
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, K_BLOCKS, B: tl.constexpr):  # one B x B block per program
     rows = tl.program_id(0) * B + tl.arange(0, B)
     cols = tl.program_id(1) * B + tl.arange(0, B)
     offs, mask = rows.to(tl.int64)[:, None] * K + cols[None, :], (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(s_ptr + tl.program_id(0) * KB + tl.program_id(1))
+    scale = tl.load(s_ptr + tl.program_id(0) * K_BLOCKS + tl.program_id(1))
     tl.store(out_ptr + offs, (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def dequantize_triton(w, scale, dtype):  # dequantize() in one pass: read a byte, write two, per weight
-    if scale is None:
-        return w
-    out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    _dequant_kernel[scale.shape](w, scale, out, w.shape[0], w.shape[1], scale.shape[1], B=FP8_BLOCK)
-    return out
 
 
 def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for prefill on CUDA
@@ -1466,98 +1484,123 @@ def flashinfer_attention(q, k, v, pos):  # same contract as plain_attention, for
     return flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True).reshape(q.shape[0], -1)
 
 
-def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids, pos: int, last_only=True,
+def prefill_forward(w: Weights, cfg: Config, cache: KVCache, rope, ids: list, pos: int, last_only=True,
                     attention=flashinfer_attention):
     """forward() for prefill on CUDA: the same math and roundings, in 9 launches per layer plus
     FlashInfer attention (fp8 weights: plus their dequantization, one matrix at a time). The
     residual add of each MLP is folded into the next RMSNorm."""
-    T, Hq, hd, eps = ids.shape[0], cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
-    x = w.embed[ids]  # (T, D) residual stream, updated in place
-    dense = lambda m, scale: dequantize_triton(m, scale, x.dtype)  # noqa: E731
+    T, Hq, hd, eps = len(ids), cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
+    x = w.embed[torch.tensor(ids, device=w.embed.device)]  # (T, D) residual stream, updated in place
     xn = torch.empty_like(x)  # normed input of the next matmul
     q = torch.empty(T, Hq, hd, dtype=x.dtype, device=x.device)
     act = torch.empty(T, cfg.intermediate_size, dtype=x.dtype, device=x.device)
     down = None  # the previous layer's MLP output, not yet added to x
-    for i, L in enumerate(w.layers):
-        rms_norm_rows(x, L.attn_norm, eps, xn, add=down)
-        k_cache, v_cache = cache.flat(i)
-        qk_norm_rope_rows(xn @ dense(L.qkv, L.qkv_s).T, L.q_norm, L.k_norm, rope[0], rope[1], pos, q, k_cache,
-                          v_cache, eps)
+    for layer, k_cache, v_cache in zip(w.layers, cache.k, cache.v):
+        rms_norm_rows(x, layer.attn_norm, eps, xn, add=down)
+        qk_norm_rope_rows(xn @ dequantize(layer.qkv, x.dtype).T, layer.q_norm, layer.k_norm, rope[0], rope[1], pos,
+                          q, k_cache, v_cache, eps)
         attn = attention(q, k_cache[:pos + T], v_cache[:pos + T], pos)
-        rms_norm_rows(x, L.mlp_norm, eps, xn, add=attn @ dense(L.o, L.o_s).T)
-        down = silu_mul_rows(xn @ dense(L.gate_up, L.gate_up_s).T, act) @ dense(L.down, L.down_s).T
+        rms_norm_rows(x, layer.mlp_norm, eps, xn, add=attn @ dequantize(layer.o, x.dtype).T)
+        down = silu_mul_rows(xn @ dequantize(layer.gate_up, x.dtype).T, act) @ dequantize(layer.down, x.dtype).T
+    cache.wrote(pos, ids)
     if last_only:
         x, xn, down = x[-1:], xn[-1:], down[-1:]
-    return (rms_norm_rows(x, w.norm, eps, xn, add=down) @ w.lm_head.T).float()
+    return (rms_norm_rows(x, w.norm, eps, xn, add=down) @ w.lm_head.weight.T).float()
 
 
 # -----------------------------------------------------------------------------
-# fast decoder: buffers, the CUDA graph, the replay loop
+# fast decoder: the decode step's state, the CUDA graph, the replay loop
+
+class DecodeState:
+    """Every buffer the decode step reads or writes, besides the weights and the KV cache: allocated once,
+    at addresses the graph keeps. D hidden, I intermediate, V vocabulary, Hq/Hkv heads of width hd."""
+
+    def __init__(self, cfg: Config, dtype, device, ring: int = 64, block: int = 1024):
+        D, I, V, hd, Hq, Hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim,
+                                cfg.num_heads, cfg.num_kv_heads)
+        i32, i64, f32 = torch.int32, torch.int64, torch.float32
+        zeros = lambda *shape, dtype=i32: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        # The step's input. The sampler's last kernel (_emit_token) writes the token it drew and moves
+        # pos on by one, so the next replay reads both from here; the host sets them only to start.
+        self.token = zeros(1)                 # (1,) int32: the token the step runs
+        self.pos = zeros(1)                   # (1,) int32: its position, the cache row the step writes
+        self.draws = zeros(1, dtype=i64)      # (1,) tokens drawn this generation: the Philox counter
+        self.ring = zeros(ring)               # (ring,) int32: ring[draws % ring] = the token drawn
+        # Sampling settings, written between generations by set_sampling.
+        self.temperature = zeros(1, dtype=f32)         # 0 = greedy
+        self.top_k = zeros(1)                          # 0 = off
+        self.top_p = zeros(1, dtype=f32) + 1.0         # 1.0 = off
+        self.seed = zeros(1, dtype=i64)
+        # Activations.
+        self.h = zeros(D, dtype=i64)                   # (D,) residual stream, fixed point (RESID_ONE)
+        self.qkv = zeros((Hq + 2 * Hkv) * hd, dtype=dtype)  # fused q/k/v projection
+        self.attn = zeros(Hq * hd, dtype=dtype)        # attention output, o_proj's input
+        self.act = zeros(I, dtype=dtype)               # silu(gate) * up, down_proj's input
+        self.logits = zeros(V, dtype=f32)              # lm_head's output, the sampler's input
+        # Scratch, left as found by every step. Attention: split-KV partials, about 2 programs per SM.
+        self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, max(1, triton.cdiv(2 * num_sms(), Hkv)), device)
+        # The sampler: num_blocks programs of block logits each.
+        self.block, self.num_blocks = block, triton.cdiv(V, block)
+        self.ints, self.floats = zeros(8, dtype=i64), zeros(2, dtype=f32)  # the slots I_* and F_*
+        self.arrivals = zeros(len(RADIX_PASSES) + 2)   # per sampler kernel: programs done (_is_last_program)
+        self.count_bins, self.mass_bins = zeros(MAX_BINS), zeros(MAX_BINS, dtype=i64)  # top-k, top-p histograms
+        self.part_val = zeros(self.num_blocks, dtype=f32)  # per program: best value (max logit or Gumbel score)
+        self.part_idx = zeros(self.num_blocks)             # and its index
+        self.part_z = zeros(self.num_blocks, dtype=f32)    # sum exp(s - the program's max)
+
 
 class FastDecoder:
-    """The CUDA path: every buffer the decode step touches, allocated once, and the graph
-    that runs the whole step. The engine owns the weights, the KV cache and RoPE tables."""
+    """The CUDA path: the decode state and the graph that runs the whole step, over the weights,
+    KV cache and RoPE tables it is given."""
 
-    RING = 64  # slots of the device ring of sampled tokens (token i lands in slot i % RING)
+    RING = 64  # slots of the device ring of drawn tokens (token i lands in slot i % RING)
     READ_EVERY = 8  # graph replays between two read-backs of the ring
     AHEAD = 32  # most tokens the GPU may run ahead of what the host has read (< RING)
 
-    def __init__(self, engine, prefill_chunk: int = 4096, pdl: bool | None = None, capture: bool = True):
-        cfg, dev, dt = engine.cfg, engine.device, engine.dtype
-        D, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-        Hq, Hkv = cfg.num_heads, cfg.num_kv_heads
-        self.engine, self.prefill_chunk = engine, prefill_chunk
+    def __init__(self, w: Weights, cfg: Config, cache: KVCache, rope, prefill_chunk: int = 4096,
+                 pdl: bool | None = None, capture: bool = True):
+        self.w, self.cfg, self.cache, self.rope, self.prefill_chunk = w, cfg, cache, rope, prefill_chunk
+        device = w.embed.device
         if pdl is None:  # PDL (see "GPU kernels") needs Hopper or newer
-            pdl = dev.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(dev) >= (9, 0)
+            pdl = device.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(device) >= (9, 0)
         self.pdl = pdl
-
-        # --- the decode step's buffers
-        self.h = torch.empty(D, dtype=torch.int64, device=dev)  # residual stream, fixed point (see RESID_ONE)
-        self.qkv = torch.empty((Hq + 2 * Hkv) * hd, dtype=dt, device=dev)  # fused q/k/v projection
-        self.attn = torch.empty(Hq * hd, dtype=dt, device=dev)  # attention output, o_proj's input
-        self.act = torch.empty(I, dtype=dt, device=dev)  # silu(gate) * up, down_proj's input
-        self.logits = torch.empty(V, dtype=torch.float32, device=dev)  # lm_head output
-        nsplit = max(1, triton.cdiv(2 * num_sms(), Hkv))  # about 2 attention programs per SM
-        self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, nsplit, dev)  # split-KV partials
-        self.sampler = Sampler(V, self.RING, dev)  # tok: the next step's input, pos: its position
+        self.st = DecodeState(cfg, w.embed.dtype, device, self.RING)
         if not capture:  # tests drive run_step by hand (on the CPU, through Triton's interpreter)
             return
         self.host_ring = torch.zeros(self.RING, dtype=torch.int32, pin_memory=True)  # host copy of the ring
         self.events = [torch.cuda.Event() for _ in range(self.AHEAD // self.READ_EVERY + 2)]  # one per copy in flight
-
         # prefill one full chunk now: compiles FlashInfer's kernel and lets the allocator
         # reserve the chunk's activations, so later prefills allocate nothing new
-        self.prefill([0] * min(prefill_chunk, engine.max_seq_len - 1))
+        self.prefill([0] * min(prefill_chunk, cache.data.shape[2] - 1))
         self.graph = self.capture()
-        engine.reset()
+        cache.wrote(0, [])  # the warm-up's rows hold nothing to reuse
 
     def run_step(self):
-        """One decode step, exactly as the graph replays it. Reads the token s.tok at
-        position s.pos, the weights and the cache; writes the cache row at s.pos, the
-        logits, and through the sampler s.tok, s.pos + 1, s.step + 1 and the ring."""
-        e, w, s, pdl = self.engine, self.engine.weights, self.sampler, self.pdl
-        eps, cos, sin, scale = e.cfg.rms_norm_eps, e.rope[0], e.rope[1], e.cfg.head_dim ** -0.5
-        embed(s.tok, w.embed, self.h, use_pdl=pdl)
-        for i, L in enumerate(w.layers):
-            k_cache, v_cache = e.cache.flat(i)
-            rmsnorm_gemv(self.h, L.attn_norm, L.qkv, self.qkv, eps, L.qkv_s, use_pdl=pdl)
-            decode_attention(self.qkv, L.q_norm, L.k_norm, cos, sin, s.pos, k_cache, v_cache, self.attn,
-                             self.attn_scratch, scale, eps, use_pdl=pdl)
-            gemv_add(self.attn, L.o, self.h, L.o_s, use_pdl=pdl)
-            rmsnorm_gemv_silu(self.h, L.mlp_norm, L.gate_up, self.act, eps, L.gate_up_s, use_pdl=pdl)
-            gemv_add(self.act, L.down, self.h, L.down_s, use_pdl=pdl)
-        rmsnorm_gemv(self.h, w.norm, w.lm_head, self.logits, eps, use_pdl=pdl)
-        s.sample(self.logits, use_pdl=pdl)
+        """One decode step, exactly as the graph replays it: reads st.token at st.pos, the weights and
+        the cache; writes cache row st.pos and st.logits, and through the sampler the next st.token,
+        st.pos + 1, st.draws + 1 and a ring slot. forward() is its reference, line for line."""
+        w, st, pdl, eps = self.w, self.st, self.pdl, self.cfg.rms_norm_eps
+        (cos, sin), scale = self.rope, self.cfg.head_dim ** -0.5
+        embed(st.token, w.embed, st.h, use_pdl=pdl)
+        for layer, k_cache, v_cache in zip(w.layers, self.cache.k, self.cache.v):
+            rmsnorm_gemv(st.h, layer.attn_norm, layer.qkv, st.qkv, eps, use_pdl=pdl)
+            decode_attention(st.qkv, layer.q_norm, layer.k_norm, cos, sin, st.pos, k_cache, v_cache, st.attn,
+                             st.attn_scratch, scale, eps, use_pdl=pdl)
+            gemv_add(st.attn, layer.o, st.h, use_pdl=pdl)
+            rmsnorm_gemv(st.h, layer.mlp_norm, layer.gate_up, st.act, eps, silu=True, use_pdl=pdl)
+            gemv_add(st.act, layer.down, st.h, use_pdl=pdl)
+        rmsnorm_gemv(st.h, w.norm, w.lm_head, st.logits, eps, use_pdl=pdl)
+        sample_on_gpu(st, use_pdl=pdl)
 
     def capture(self):
-        """Record run_step into a CUDA graph. Two eager steps first compile every kernel;
-        they write cache row 0 and advance the sampler state, so both are reset after."""
-        self.sampler.tok.zero_()
+        """Record run_step into a CUDA graph. Two eager steps first compile every kernel; they
+        write cache row 0 and move the state on, which the next prefill sets again."""
+        self.st.token.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.sampler.pos.zero_()
+                self.st.pos.zero_()
                 self.run_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -1566,43 +1609,42 @@ class FastDecoder:
         torch.cuda.synchronize()
         return graph
 
-    def prefill(self, ids, start: int = 0):
+    def prefill(self, ids: list, start: int = 0):
         """Run prompt tokens start.. through prefill_forward (the cache holds those before start) in
-        chunks of at most prefill_chunk tokens, then sample the first new token into s.tok (and
+        chunks of at most prefill_chunk tokens, then draw the first new token into st.token (and
         ring slot 0) with the graph's sampler."""
-        e = self.engine
-        ids = torch.tensor(ids, dtype=torch.long, device=e.device)
+        st = self.st
         with torch.inference_mode():
-            for pos in range(start, ids.shape[0], self.prefill_chunk):
-                logits = prefill_forward(e.weights, e.cfg, e.cache, e.rope, ids[pos:pos + self.prefill_chunk], pos)
-            self.logits.copy_(logits[0])
-            self.sampler.pos.fill_(ids.shape[0] - 1)  # the sampler moves it on to len(ids)
-            self.sampler.step.zero_()
-            self.sampler.sample(self.logits)
+            for pos in range(start, len(ids), self.prefill_chunk):
+                logits = prefill_forward(self.w, self.cfg, self.cache, self.rope, ids[pos:pos + self.prefill_chunk], pos)
+            st.logits.copy_(logits[0])
+            st.pos.fill_(len(ids) - 1)  # the sampler moves it on to len(ids)
+            st.draws.zero_()
+            sample_on_gpu(st)
 
-    def step(self, token: int, pos: int):
-        """Teacher-forced step (tests, engine.step): feed token at pos, replay, return the logits."""
-        self.sampler.tok.fill_(token)
-        self.sampler.pos.fill_(pos)  # a generation that stopped early leaves the graph's position ahead
+    def feed(self, token: int, pos: int):
+        """Teacher-forced step (tests, Engine.step): run token at pos, return the logits."""
+        self.st.token.fill_(token)
+        self.st.pos.fill_(pos)  # a generation that stopped early leaves the graph's position ahead
         self.graph.replay()
-        return self.logits.clone()
+        self.cache.wrote(pos, [token])
+        return self.st.logits.clone()
 
-    def tokens(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
-        """Yield limit tokens (fewer if the caller stops). The host only replays the graph;
-        every READ_EVERY replays it queues a copy of the ring to pinned memory and an event,
-        and it reads tokens once their event has passed, at most AHEAD steps behind the GPU.
-        Tokens computed past the caller's stop are thrown away."""
-        self.sampler.set_params(temperature, top_k, top_p, seed)
-        self.prefill(prompt_ids, start)
-        pending, free = [], list(self.events)  # (event, tokens produced when it was recorded)
+    def stream(self, limit: int):
+        """Yield limit tokens, starting with the one prefill() drew (fewer if the caller stops). The host
+        only replays the graph; every READ_EVERY replays it queues a copy of the ring to pinned memory
+        and an event, and it reads tokens once their event has passed, at most AHEAD steps behind the
+        GPU. Each token read shows that the one before it went through the step, into the cache. Tokens
+        computed past the caller's stop are thrown away."""
+        pending, free, pos0 = [], list(self.events), len(self.cache.tokens)  # (event, tokens made when recorded)
 
         def read_back(produced):
-            self.host_ring.copy_(self.sampler.ring, non_blocking=True)
+            self.host_ring.copy_(self.st.ring, non_blocking=True)
             event = free.pop()
             event.record()
             pending.append((event, produced))
 
-        produced, done = 1, 0
+        produced, done, previous = 1, 0, None
         read_back(produced)
         try:
             while done < limit:
@@ -1616,7 +1658,10 @@ class FastDecoder:
                 free.append(event)
                 ring = self.host_ring.tolist()
                 for i in range(done, upto):
-                    yield ring[i % self.RING]
+                    if i:
+                        self.cache.wrote(pos0 + i - 1, [previous])
+                    previous = ring[i % self.RING]
+                    yield previous
                 done = upto
         finally:
             torch.cuda.current_stream().synchronize()  # let any overshoot finish before the next use
@@ -1713,7 +1758,7 @@ class Engine:
     fp8 on CUDA (one byte per weight) and dequantizes them to dtype on the CPU."""
 
     def __init__(self, model_dir: str, device=None, dtype=None, max_seq_len: int = 4096,
-                 page_size: int = 16, fast: bool | None = None, quantize: str | None = None, verbose: bool = True):
+                 fast: bool | None = None, quantize: str | None = None, verbose: bool = True):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -1722,31 +1767,31 @@ class Engine:
         if quantize not in (None, "fp8"):
             raise NanofastError(f"cannot quantize to {quantize!r}; nanofast quantizes to fp8")
         self.cfg = c = load_config(model_dir)
-        self.fp8 = c.fp8 or quantize == "fp8"  # the projections are fp8 values
-        self.weight_format = "fp8" if self.fp8 else str(self.dtype).replace("torch.", "")
+        fp8 = c.fp8 or quantize == "fp8"  # the projections have fp8 values
+        self.weight_format = "fp8" if fp8 else str(self.dtype).replace("torch.", "")
         # fp8 stays fp8 on CUDA; its kernels stack matrices, so rows come in whole 128-blocks
         rows = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim)
         fp8_fits = self.device.type == "cuda" and all(n % FP8_BLOCK == 0 for n in rows)
-        keep_fp8 = self.fp8 and fp8_fits
+        keep_fp8 = fp8 and fp8_fits
         (weights, cache, acts), free = memory_needed(c, self.dtype, max_seq_len, keep_fp8), free_memory(self.device)
         need, self.weight_bytes = weights + cache + acts, weights
         # what would make it fit: as many tokens as 90% of free memory holds, smaller weights, a smaller model
-        fit = ((free or 0) * 9 // 10 - weights - acts) // (cache // max_seq_len) // page_size * page_size
+        fit = ((free or 0) * 9 // 10 - weights - acts) // (cache // max_seq_len)
         fixes = [f"a --max-seq-len of at most {fit}" if fit < max_seq_len else "a smaller --max-seq-len"] * (fit >= 2)
-        fixes += ["--quantize fp8"] * (fp8_fits and not self.fp8) + ["--dtype bfloat16"] * (self.dtype == torch.float32)
+        fixes += ["--quantize fp8"] * (fp8_fits and not fp8) + ["--dtype bfloat16"] * (self.dtype == torch.float32)
         room = (f"the run needs {need / GIB:.2f} GiB (weights {weights / GIB:.2f} + KV cache {cache / GIB:.2f} + "
                 f"activations {acts / GIB:.2f}) and {'?' if free is None else f'{free / GIB:.2f}'} GiB is free; "
                 f"try {' or '.join(fixes + ['a smaller model'])}")
         if free is not None and need > free:
             raise NanofastError(f"not enough memory on {self.device}: {room}")
-        self.cached, self.stop_reason, self.stats = [], None, {}  # cached: the tokens whose K/V the cache holds
+        self.stop_reason, self.stats = None, {}
         self.max_seq_len, self.verbose, self.decoder = max_seq_len, verbose, None
         stage = "loading the weights"  # where an allocation failed, should the estimate be off
         try:
             self.weights = load_weights(model_dir, c, self.dtype, self.device, quantize == "fp8", keep_fp8,
                                         progress=verbose and sys.stderr.isatty())
             stage = "allocating the KV cache"
-            self.cache = KVCache(self.cfg, max_seq_len, page_size, self.dtype, self.device)
+            self.cache = KVCache(self.cfg, max_seq_len, self.dtype, self.device)
             self.rope = rope_tables(self.cfg, max_seq_len, self.device)
             stage = "setting up the CUDA graph"
             if self.device.type == "cuda" and fast is not False:
@@ -1783,7 +1828,7 @@ class Engine:
             self._log("compiling the GPU kernels: the first run on a machine takes a minute or two, "
                       "later runs start in about a second")
         t0 = time.perf_counter()
-        self.decoder = FastDecoder(self)
+        self.decoder = FastDecoder(self.weights, self.cfg, self.cache, self.rope)
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             open(marker, "w").close()
@@ -1792,55 +1837,53 @@ class Engine:
                   f"in use {torch.cuda.memory_reserved(self.device) / GIB:.2f} GiB")
 
     def forward(self, ids, pos: int, last_only: bool = False):  # plain path -> fp32 logits (T, V) or (1, V)
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        if pos + ids.shape[0] > self.max_seq_len:
-            raise NanofastError(f"{pos + ids.shape[0]} tokens do not fit max_seq_len {self.max_seq_len}")
+        if pos + len(ids) > self.max_seq_len:
+            raise NanofastError(f"{pos + len(ids)} tokens do not fit max_seq_len {self.max_seq_len}")
         with torch.inference_mode():
-            logits = forward(self.weights, self.cfg, self.cache, self.rope, ids, pos, last_only=last_only)
-        self.cached = self.cached[:pos] + ids.tolist() if pos <= len(self.cached) else []
-        return logits
+            return forward(self.weights, self.cfg, self.cache, self.rope, list(ids), pos, last_only=last_only)
 
-    def reset(self):
-        self.cached = []
-
-    def reusable(self, ids) -> int:  # how many leading tokens of ids the cache holds (all but the last at most)
-        return next((i for i, (a, b) in enumerate(zip(self.cached, ids[:-1])) if a != b),
-                    min(len(self.cached), len(ids) - 1))
+    def reset(self):  # forget the cache's contents: the next prompt is prefilled whole
+        self.cache.wrote(0, [])
 
     def prefill(self, ids):  # -> fp32 logits (V,) of the last prompt token
-        start = self.reusable(ids)
+        start = self.cache.reusable(ids)
         if not self.fast:
             return self.forward(ids[start:], start, last_only=True)[0]
-        self.decoder.prefill(ids, start)
-        self.cached = list(ids)
-        return self.decoder.logits.clone()
+        self.decoder.prefill(list(ids), start)
+        return self.decoder.st.logits.clone()
 
     def step(self, token: int):  # -> fp32 logits (V,) after appending one token
-        if len(self.cached) >= self.max_seq_len:
+        pos = len(self.cache.tokens)
+        if pos >= self.max_seq_len:
             raise NanofastError("the KV cache is full")
-        if not self.fast:
-            return self.forward([token], len(self.cached))[0]
-        self.cached.append(token)
-        return self.decoder.step(token, len(self.cached) - 1)
+        return self.forward([token], pos)[0] if not self.fast else self.decoder.feed(token, pos)
 
     def generate(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids=()):
+                 top_p: float = 1.0, seed: int | None = None, stop_ids=(), draft=None, spec_k: int = 4):
         """Yield new token ids. Stops at a stop id (which is yielded), after max_new_tokens, or when prompt
         plus output fill max_seq_len. Afterwards self.stop_reason says which ("eos", "max_new_tokens",
         "cache_full", or "interrupted" if the caller stopped early) and self.stats has the timings.
         The prompt's leading tokens that the cache already holds (the conversation so far, say) are
-        not run again: only the rest is prefilled."""
+        not run again: only the rest is prefilled. draft: "lookup" or a draft Engine decodes speculatively,
+        up to spec_k drafts a round (plain path only, so far); the tokens follow the same distribution."""
         P, prompt_ids = len(prompt_ids), list(prompt_ids)
         check_prompt(P, self.max_seq_len)
         check_sampling(temperature, top_k, top_p, max_new_tokens)
+        self.check_draft(draft, spec_k)
         limit = min(max_new_tokens, self.max_seq_len - P)
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-        start = self.reusable(prompt_ids)
-        source = (self.decoder.tokens if self.fast else self._plain_tokens)(
-            prompt_ids, start, limit, temperature, top_k, top_p, seed)
+        start, t0 = self.cache.reusable(prompt_ids), time.perf_counter()
+        spec = dict(draft="lookup" if draft == "lookup" else "model", k=spec_k, rounds=0, drafted=0, accepted=0)
+        if draft is not None:
+            source = self._speculative_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec)
+        elif self.fast:
+            set_sampling(self.decoder.st, temperature, top_k, top_p, seed)
+            self.decoder.prefill(prompt_ids, start)
+            source = self.decoder.stream(limit)
+        else:
+            source = self._plain_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed)
         stop, out, t_first = set(stop_ids), [], None
-        self.stop_reason, self.stats, self.cached = None, {}, prompt_ids[:start]
-        t0 = time.perf_counter()
+        self.stop_reason, self.stats = None, {}
         try:
             for token in source:
                 out.append(token)
@@ -1853,16 +1896,65 @@ class Engine:
                 self.stop_reason = "max_new_tokens" if len(out) >= max_new_tokens else "cache_full"
         finally:
             source.close()
-            if out:  # every token but the last went through the model
-                self.cached = prompt_ids + out[:-1]
             t_end, n = time.perf_counter(), len(out)
             self.stop_reason = self.stop_reason or "interrupted"
             self.stats = dict(weights=self.weight_format, prompt_tokens=P, reused_tokens=start,
                               prefilled_tokens=P - start, generated_tokens=n,
                               ttft_s=(t_first - t0) if t_first else None,
                               decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 else None, total_s=t_end - t0)
+            if draft is not None:  # tokens per round: accepted drafts plus the model's own token
+                self.stats["speculation"] = dict(spec, tokens_per_round=(spec["accepted"] + spec["rounds"]) /
+                                                 max(1, spec["rounds"]))
 
-    def _plain_tokens(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
+    def check_draft(self, draft, spec_k):
+        """Raise NanofastError unless draft (None, "lookup" or an Engine) and spec_k can speculate here."""
+        if draft is None:
+            return
+        if self.fast:
+            raise NanofastError("speculative decoding (--draft, --lookup) runs on the plain path so far; add --plain")
+        if not (isinstance(spec_k, int) and 1 <= spec_k <= 15):
+            raise NanofastError("--spec-k must be an integer from 1 to 15")
+        if draft != "lookup" and not isinstance(draft, Engine):
+            raise NanofastError('draft must be "lookup" or an Engine')
+        if draft != "lookup" and draft.cfg.vocab_size != self.cfg.vocab_size:
+            raise NanofastError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
+                                f"model's ({self.cfg.vocab_size}); a draft must share the model's tokenizer")
+        if draft != "lookup" and draft.max_seq_len < self.max_seq_len:
+            raise NanofastError(f"the draft model's max_seq_len {draft.max_seq_len} is below the model's "
+                                f"{self.max_seq_len}")
+
+    def _speculative_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec):
+        """_plain_stream's tokens, several per forward (see "speculative decoding"); counts into spec."""
+        generator = torch.Generator().manual_seed(seed)
+        out = [sample(self.forward(prompt_ids[start:], start, last_only=True)[0], temperature, top_k, top_p,
+                      generator)]
+        yield out[0]
+        while len(out) < limit:
+            context, n = prompt_ids + out, min(spec["k"], limit - len(out) - 1)  # room for the drafts and one more
+            drafts = lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n)
+            pos = len(context) - 1  # where the last token goes, before the drafts
+            a, token = accept_drafts(self.forward(context[-1:] + drafts, pos), drafts, temperature, top_k, top_p,
+                                     generator)
+            spec.update(rounds=spec["rounds"] + 1, drafted=spec["drafted"] + len(drafts),
+                        accepted=spec["accepted"] + a)
+            self.cache.wrote(pos + 1, [])  # a draft's row counts as written once the caller takes the next token
+            for i, t in enumerate(drafts[:a] + [token]):
+                out.append(t)
+                yield t
+                if i < a:
+                    self.cache.wrote(pos + 1 + i, [t])
+
+    def draft_tokens(self, context: list, k: int) -> list:
+        """As a draft model: k greedy tokens after context (the cache catches up on what it lacks)."""
+        start, drafts = self.cache.reusable(context), []
+        logits = self.forward(context[start:], start, last_only=True)[0]
+        while len(drafts) < k:
+            drafts.append(int(torch.argmax(logits)))
+            if len(drafts) < k:
+                logits = self.forward(drafts[-1:], len(context) + len(drafts) - 1)[0]
+        return drafts
+
+    def _plain_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
         generator = torch.Generator().manual_seed(seed)
         logits = self.forward(prompt_ids[start:], start, last_only=True)[0]
         for i in range(limit):
@@ -1899,15 +1991,11 @@ class Chat:
         was; an answer the caller stops (Ctrl-C) stays in the history as far as it got."""
         messages = self.messages + [dict(role="user", content=text)]
         ids = self.tokenizer.encode(Tokenizer.template(messages, self.think, self.system))
-        tokens = self.engine.generate(ids, self.max_new_tokens, stop_ids=self.tokenizer.eos_ids, **self.sampling)
-        stream, out = StreamDecoder(self.tokenizer), []
+        out = []
         try:
-            for token in tokens:
-                out.append(token)
-                yield stream.push(token)
-            yield stream.flush()
+            yield from stream_text(self.tokenizer, self.engine.generate(
+                ids, self.max_new_tokens, stop_ids=self.tokenizer.defaults["eos_ids"], **self.sampling), out)
         finally:
-            tokens.close()
             if out:
                 self.messages = messages + [dict(role="assistant", content=self.tokenizer.decode(out))]
 
@@ -1947,6 +2035,11 @@ def parse_args(argv=None):
     p.add_argument("--plain", action="store_true", help="on CUDA, run the plain-torch path instead of the CUDA graph")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, stop reason, timings) "
                    "instead of streaming text")
+    p.add_argument("--draft", metavar="DIR", help="decode speculatively with this smaller Qwen3 checkpoint as the "
+                   "draft (same tokenizer); plain path only, so far")
+    p.add_argument("--lookup", action="store_true", help="decode speculatively with drafts looked up in the prompt "
+                   "and the text so far (no draft model); plain path only, so far")
+    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per round, 1 to 15 (default 4)")
     p.add_argument("--chat", action="store_true", help=f"a conversation on stdin, one turn per line, reusing the "
                    f"KV cache; commands: {CHAT_COMMANDS}")
     args = p.parse_args(argv)
@@ -1961,6 +2054,8 @@ def parse_args(argv=None):
          "--prompt - (stdin), --prompt-file FILE or --chat"),
         (args.chat and (args.json or args.raw or args.prompt == "-"), "--chat reads its turns from stdin and "
          "streams text: it takes no --json, --raw or --prompt -"),
+        (args.draft is not None and args.lookup, "give --draft or --lookup, not both"),
+        (not 1 <= args.spec_k <= 15, "--spec-k must be an integer from 1 to 15"),
     ]
     for bad, message in checks:
         if bad:
@@ -2001,11 +2096,20 @@ def run(args) -> int:
     if args.model == DEFAULT_MODEL and not os.path.exists(args.model):
         download_default(args.model)
     load_config(args.model)  # a bad folder fails here, before the tokenizer
+    if (args.draft is not None or args.lookup) and device.type == "cuda" and not args.plain:
+        raise NanofastError("speculative decoding (--draft, --lookup) runs on the plain path so far; add --plain")
     tokenizer = Tokenizer(args.model)
     if not args.chat:
         text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
         prompt_ids = tokenizer.encode(text)
         check_prompt(len(prompt_ids), args.max_seq_len)  # before the slow part
+    draft = "lookup" if args.lookup else None
+    if args.draft is not None:  # first: it is the smaller, and fails sooner
+        try:
+            draft = load(args.draft, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, fast=False,
+                         verbose=False)
+        except NanofastError as e:
+            raise NanofastError(f"draft model: {e}") from None
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                   fast=not args.plain, quantize=args.quantize)
@@ -2013,26 +2117,28 @@ def run(args) -> int:
           f"{engine.weight_bytes / GIB:.2f} GiB, KV cache {engine.cache.data.nbytes / GIB:.2f} GiB, "
           f"{str(engine.dtype).replace('torch.', '')} activations, "
           f"{'CUDA graph' if engine.fast else 'plain torch'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    defaults = tokenizer.generation  # generation_config.json, for the sampling options not given
+    defaults = tokenizer.defaults  # generation_config.json, for the sampling options not given
     sampling = {k: defaults[k] if vars(args)[k] is None else vars(args)[k] for k in ("temperature", "top_k", "top_p")}
+    if draft is not None:
+        engine.check_draft(draft, args.spec_k)
+        sampling.update(draft=draft, spec_k=args.spec_k)
     if args.chat:
         return chat_loop(Chat(engine, tokenizer, args.system, not args.no_think, args.max_new_tokens, seed=args.seed,
                               **sampling), prompt)
-    generation = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                 stop_ids=() if args.ignore_eos else defaults["eos_ids"], **sampling)
-    stream, out_ids = StreamDecoder(tokenizer), []
+    out_ids = []
+    text = stream_text(tokenizer, engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       stop_ids=() if args.ignore_eos else defaults["eos_ids"], **sampling), out_ids)
     try:
-        for token in generation:
-            out_ids.append(token)
+        for piece in text:
             if not args.json:
-                print(stream.push(token), end="", flush=True)
+                print(piece, end="", flush=True)
     except KeyboardInterrupt:
-        generation.close()
+        text.close()
     if args.json:
         print(json.dumps(dict(prompt_ids=prompt_ids, generated_ids=out_ids, text=tokenizer.decode(out_ids),
                               stop_reason=engine.stop_reason, timings=engine.stats), ensure_ascii=False))
     else:
-        print(stream.flush())
+        print()
     print_stats(engine)
     return 130 if engine.stop_reason == "interrupted" else 0
 
@@ -2044,6 +2150,10 @@ def print_stats(engine):
     print(f"[nanofast] prompt {s.get('prompt_tokens')} tokens ({s.get('reused_tokens')} reused from the cache), "
           f"generated {s.get('generated_tokens')} tokens (stop: {engine.stop_reason}), time to first token {ttft}, "
           f"decode {tps}", file=sys.stderr)
+    if s.get("speculation"):
+        sp = s["speculation"]
+        print(f"[nanofast] speculation ({sp['draft']}, k {sp['k']}): {sp['rounds']} rounds, {sp['accepted']} of "
+              f"{sp['drafted']} drafted tokens accepted, {sp['tokens_per_round']:.2f} tokens per round", file=sys.stderr)
 
 
 CHAT_COMMANDS = "/reset (new conversation), /system TEXT, /think on|off, /stats, /exit"

@@ -291,18 +291,18 @@ def random_prompt(n, seed):  # ordinary (non-special) token ids
 
 # The model-math configurations: tied / tied with lm_head stored / untied, single file /
 # sharded, GQA ratio 2 / 1 / 4, head_dim * heads equal to or unlike hidden (as in the
-# released models), both rope forms, bf16 and fp32 checkpoints, page sizes 16 and 4.
+# released models), both rope forms, bf16 and fp32 checkpoints.
 CONFIGS = {
-    "tied-gqa2-bf16": dict(ckpt=dict(heads=4, kv_heads=2, head_dim=16), page_size=16, prompt_seed=5),
+    "tied-gqa2-bf16": dict(ckpt=dict(heads=4, kv_heads=2, head_dim=16), prompt_seed=5),
     "tiedstored-gqa1-fp32-ropeparams": dict(
         ckpt=dict(heads=4, kv_heads=4, head_dim=32, tied=True, store_lm_head=True, rope_form="parameters",
-                  dtype=torch.float32, seed=1), page_size=4, prompt_seed=10),
+                  dtype=torch.float32, seed=1), prompt_seed=10),
     "untied-gqa4-3shards": dict(
         ckpt=dict(heads=8, kv_heads=2, head_dim=16, layers=3, intermediate=96, tied=False, shards=3, seed=2),
-        page_size=4, prompt_seed=29),
+        prompt_seed=29),
 }
 PROMPT_LEN = 11
-DECODE_STEPS = 70  # > 64, and crosses many pages of 4 (and several of 16)
+DECODE_STEPS = 70  # > 64: a ring of 64 wraps
 GREEDY_TOKENS = 64
 
 
@@ -332,7 +332,7 @@ def case(request, tmp_path_factory, tokenizer_json):
     spec = CONFIGS[request.param]
     ref = _reference_case(tmp_path_factory.mktemp(request.param), tokenizer_json, spec["ckpt"],
                           spec["prompt_seed"], DECODE_STEPS)
-    return dict(ref, name=request.param, page_size=spec["page_size"], ckpt=spec["ckpt"])
+    return dict(ref, name=request.param, ckpt=spec["ckpt"])
 
 
 @pytest.fixture(scope="session")
@@ -360,21 +360,19 @@ def _check_reference(greedy, logits):
 
 
 def test_engine_basics(case):
-    eng = load_engine(case["dir"], page_size=case["page_size"])
+    eng = load_engine(case["dir"])
     cfg, ck = eng.cfg, case["ckpt"]
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (ck["heads"], ck["kv_heads"], ck["head_dim"])
     assert cfg.tie_word_embeddings == ck.get("tied", True)
     assert eng.device == torch.device("cpu") and eng.dtype == torch.float32 and eng.max_seq_len == 128
     assert eng.fast is False
-    ps = case["page_size"]
     assert len(eng.cache.k) == len(eng.cache.v) == cfg.num_layers
     for t in eng.cache.k + eng.cache.v:
-        assert t.shape[1:] == (ps, cfg.num_kv_heads, cfg.head_dim)
-        assert t.shape[0] * ps >= 128
+        assert t.shape == (128, cfg.num_kv_heads, cfg.head_dim)
 
 
 def test_prefill_logits_every_position(case):
-    eng = load_engine(case["dir"], page_size=case["page_size"])
+    eng = load_engine(case["dir"])
     P = len(case["prompt"])
     eng.reset()
     got = eng.forward(case["prompt"], 0)
@@ -386,8 +384,8 @@ def test_prefill_logits_every_position(case):
 
 
 def test_chunked_forward(case):
-    # prefill in pieces (crossing page boundaries) must equal one forward
-    eng = load_engine(case["dir"], page_size=case["page_size"])
+    # prefill in pieces must equal one forward
+    eng = load_engine(case["dir"])
     ids = case["prompt"] + case["greedy"][:20]
     eng.reset()
     parts, pos = [], 0
@@ -398,19 +396,18 @@ def test_chunked_forward(case):
     assert_logits_close(torch.cat(parts), case["logits"][:len(ids)], "chunked forward")
 
 
-def test_decode_steps_cross_pages(case):
+def test_decode_steps(case):
     # every decode step's logits, teacher-forced on transformers' greedy tokens
-    eng = load_engine(case["dir"], page_size=case["page_size"])
+    eng = load_engine(case["dir"])
     P = len(case["prompt"])
     assert_logits_close(eng.prefill(case["prompt"]), case["logits"][P - 1], "prefill")
     for i, tok in enumerate(case["greedy"]):
         assert_logits_close(eng.step(tok), case["logits"][P + i], f"decode step {i} (position {P + i})")
-    assert (P + DECODE_STEPS) // case["page_size"] >= 5  # really crossed pages
 
 
 def test_kv_cache_layout(case):
-    # token t's K/V live at page t // page_size, slot t % page_size, as transformers caches them
-    eng = load_engine(case["dir"], page_size=case["page_size"])
+    # token t's K/V live in row t, as transformers caches them
+    eng = load_engine(case["dir"])
     ids = case["prompt"] + case["greedy"][:30]
     eng.prefill(ids)
     with torch.no_grad():
@@ -419,15 +416,14 @@ def test_kv_cache_layout(case):
         layer = (out.cache if hasattr(out, "cache") else out.past_key_values).layers[i]
         for name, ours, ref in (("k", eng.cache.k[i], layer.keys), ("v", eng.cache.v[i], layer.values)):
             ref = ref[0].transpose(0, 1)  # (T, Hkv, hd)
-            T, ps = ref.shape[0], ours.shape[1]
-            ours = torch.stack([ours[t // ps, t % ps] for t in range(T)]).float()
+            ours = ours[:ref.shape[0]].float()
             scale = max(float(ref.abs().max()), 1.0)
             assert torch.isfinite(ours).all()
             assert float((ours - ref).abs().max()) <= LOGIT_RTOL * scale, f"layer {i} {name}"
 
 
 def test_greedy_generate_matches_transformers(case):
-    eng = load_engine(case["dir"], page_size=case["page_size"])
+    eng = load_engine(case["dir"])
     got = list(eng.generate(case["prompt"], max_new_tokens=GREEDY_TOKENS, temperature=0.0))
     assert got == case["greedy"][:GREEDY_TOKENS]
     assert eng.stop_reason == "max_new_tokens"
@@ -445,7 +441,7 @@ BF16_CPU_RTOL = 0.04
 
 
 def test_bf16_engine_on_cpu(case):
-    eng = load_engine(case["dir"], dtype=torch.bfloat16, page_size=case["page_size"])
+    eng = load_engine(case["dir"], dtype=torch.bfloat16)
     assert eng.dtype == torch.bfloat16 and eng.weight_format == "bfloat16"
     got, ref = eng.forward(case["prompt"] + case["greedy"], 0), case["logits"]
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
@@ -503,7 +499,7 @@ class DecodePath(NamedTuple):
 def decode_path(request):
     if request.param == "plain":
         case = request.getfixturevalue("tied_case")
-        return DecodePath("plain", lambda **kw: load_engine(case["dir"], page_size=4, **kw), case["prompt"],
+        return DecodePath("plain", lambda **kw: load_engine(case["dir"], **kw), case["prompt"],
                           case["greedy"], exact=True)
     case = request.getfixturevalue("fast_path_case")
     return DecodePath("fast", lambda **kw: nanofast.load(str(case["dir"]), device="cuda", verbose=False,
@@ -534,7 +530,7 @@ def test_stop_at_max_new_tokens(decode_path, n):
     assert (eng.stats["prompt_tokens"], eng.stats["generated_tokens"]) == (len(decode_path.prompt), n)
 
 
-@pytest.mark.parametrize("room", [19, 21])  # plain: max_seq_len 30 and 32, pages of 4
+@pytest.mark.parametrize("room", [19, 21])
 def test_stop_at_full_cache(decode_path, room):
     """With max_seq_len = prompt + room, generation yields exactly room tokens: the prompt and all
     of them but the last fill the cache, and the last needs no slot. Not one more, not one fewer."""
@@ -1109,13 +1105,13 @@ def test_tokenizer_encode_decode(tok_dir, ref_tok, hf_tok):
 @requires_qwen3_files
 def test_tokenizer_eos_ids(tok_dir):
     tok = nanofast.Tokenizer(str(tok_dir))
-    assert set(tok.eos_ids) == EOS_IDS
+    assert set(tok.defaults["eos_ids"]) == EOS_IDS
 
 
 def _stream(tok, ids):
-    s = nanofast.StreamDecoder(tok)
-    pieces = [s.push(i) for i in ids]
-    pieces.append(s.flush())
+    got = []
+    pieces = list(nanofast.stream_text(tok, (i for i in ids), got))
+    assert got == ids
     return pieces
 
 
@@ -1319,7 +1315,7 @@ def test_cli_help(capsys):
     assert rc == 0
     for opt in ("--model", "--prompt", "--prompt-file", "--system", "--no-think", "--raw", "--max-new-tokens",
                 "--temperature", "--top-k", "--top-p", "--seed", "--max-seq-len", "--dtype", "--device",
-                "--ignore-eos", "--json", "--plain", "--quantize", "--chat"):
+                "--ignore-eos", "--json", "--plain", "--quantize", "--chat", "--draft", "--lookup", "--spec-k"):
         assert opt in out, opt
 
 
@@ -1596,7 +1592,7 @@ def test_chat_api(tok_dir):
     system = [{"role": "system", "content": "Be brief."}]
     for i, text in enumerate(["Hello", "Why is the sky blue?", "Thanks!"]):
         prompt = tok.encode(nanofast.Tokenizer.template(system + chat.messages + [{"role": "user", "content": text}]))
-        held = eng.reusable(prompt)
+        held = eng.cache.reusable(prompt)
         assert (held > 0) == (i > 0)
         answer = "".join(chat.send(text))
         assert chat.messages[-2:] == [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
@@ -1693,9 +1689,9 @@ def fp8_case(request, tmp_path_factory, tokenizer_json):
 
 def test_fp8_checkpoint_matches_transformers(fp8_case):
     _check_reference(fp8_case["greedy"], fp8_case["logits"])
-    eng = load_engine(fp8_case["dir"], page_size=4)
-    assert eng.cfg.fp8 and eng.fp8 and eng.weight_format == "fp8"
-    assert eng.weights.layers[0].qkv.dtype == torch.float32  # dequantized on the CPU
+    eng = load_engine(fp8_case["dir"])
+    assert eng.cfg.fp8 and eng.weight_format == "fp8"
+    assert eng.weights.layers[0].qkv.weight.dtype == torch.float32 and not eng.weights.layers[0].qkv.fp8  # CPU
     P, prompt = PROMPT_LEN, fp8_case["prompt"]
     assert_logits_close(eng.forward(prompt + fp8_case["greedy"], 0), fp8_case["logits"], "fp8 forward")
     assert list(eng.generate(prompt, max_new_tokens=40, temperature=0.0)) == fp8_case["greedy"]
@@ -1724,23 +1720,24 @@ def test_fp8_weights_are_blocks_times_scale_inv(tmp_path, dtype):
                          "o": ["self_attn.o_proj"], "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
                          "down": ["mlp.down_proj"]}.items():
         expected = torch.cat([want[p + n + ".weight"] for n in names]).to(dtype)
-        assert torch.equal(getattr(layer, field), expected), field
+        assert torch.equal(getattr(layer, field).weight, expected), field
 
 
 def test_quantize_on_load_round_trip(fp8_case, tmp_path):
     """quantize="fp8" on a bf16 checkpoint computes with exactly the weights of the FP8
     checkpoint that nanofast.quantize_fp8 writes, and the quantizer agrees with ours."""
     w = read_weights(fp8_case["src"])["model.layers.0.mlp.gate_proj.weight"]
-    q, s = nanofast.quantize_fp8(w)
-    q_ref, s_ref = fp8_quantize(w)
+    p = nanofast.quantize_fp8(w)
+    (q, s), (q_ref, s_ref) = (p.weight, p.scale), fp8_quantize(w)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and s.shape == s_ref.shape
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
-    rel = float((nanofast.dequantize(q, s, torch.float32) - w.float()).norm() / w.float().norm())
+    rel = float((nanofast.dequantize(p, torch.float32) - w.float()).norm() / w.float().norm())
     assert 0 < rel < 0.05, rel  # e4m3 keeps 3 mantissa bits
-    d, _ = make_fp8_checkpoint(fp8_case["src"], tmp_path / "fp8", torch.float32, quantize=nanofast.quantize_fp8)
+    d, _ = make_fp8_checkpoint(fp8_case["src"], tmp_path / "fp8", torch.float32,
+                               quantize=lambda t: (nanofast.quantize_fp8(t).weight, nanofast.quantize_fp8(t).scale))
     prompt = fp8_case["prompt"]
     quantized = load_engine(fp8_case["src"], quantize="fp8")
-    assert quantized.fp8 and quantized.weight_format == "fp8"
+    assert quantized.weight_format == "fp8"
     assert torch.equal(quantized.forward(prompt, 0), load_engine(d).forward(prompt, 0))
     assert not torch.equal(quantized.forward(prompt, 0), load_engine(fp8_case["src"]).forward(prompt, 0))
 
@@ -1830,19 +1827,21 @@ def test_cli_beyond_memory_refused_before_loading(tok_dir, monkeypatch, capsys, 
 
 def test_suggested_max_seq_len_fits(small_ckpt, monkeypatch):
     """With free memory set so that 90% of it (what the suggestion may use) holds a 10,000-token
-    run, the line suggests 10,000 tokens (to a page), and the suggestion loads."""
+    run, the line suggests 10,000 tokens, and the suggestion loads."""
     cfg = nanofast.load_config(str(small_ckpt))
     need = sum(nanofast.memory_needed(cfg, torch.float32, 10_000, False))
     monkeypatch.setattr(nanofast, "free_memory", lambda device: need * 10 // 9 + 10)
     with raises_one_line("not enough memory", "--max-seq-len of at most") as got:
         load_engine(small_ckpt, max_seq_len=1_000_000)
     fit = int(re.search(r"at most (\d+)", got[0]).group(1))
-    assert fit % 16 == 0 and 10_000 - 16 <= fit <= 10_000, fit  # 16: the page size
+    assert 10_000 - 16 <= fit <= 10_000, fit
     assert load_engine(small_ckpt, max_seq_len=fit).max_seq_len == fit
 
 
 def weights_nbytes(w):  # every distinct tensor of a nanofast.Weights (a tied lm_head is the embedding)
-    tensors = [w.embed, w.norm, w.lm_head, *(t for L in w.layers for t in vars(L).values() if t is not None)]
+    fields = [w.embed, w.norm, w.lm_head, *(t for layer in w.layers for t in vars(layer).values())]
+    tensors = [t for f in fields for t in ((f.weight, f.scale) if isinstance(f, nanofast.Proj) else (f,))
+               if t is not None]
     return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
 
 
@@ -1857,10 +1856,10 @@ def test_memory_estimate_is_what_loads(small_ckpt, sharded_small, tmp_path, ckpt
         d, _ = make_fp8_checkpoint(d, tmp_path / "fp8")
     cfg, keep_fp8 = nanofast.load_config(str(d)), load.endswith("kept")
     w = nanofast.load_weights(str(d), cfg, dtype, "cpu", quantize=load.startswith("quantize"), keep_fp8=keep_fp8)
-    assert (w.layers[0].qkv.dtype == torch.float8_e4m3fn) == keep_fp8
+    assert (w.layers[0].qkv.weight.dtype == torch.float8_e4m3fn) == w.layers[0].qkv.fp8 == keep_fp8
     weights, cache, _ = nanofast.memory_needed(cfg, dtype, 256, keep_fp8)
     assert weights == weights_nbytes(w)
-    kv, rope = nanofast.KVCache(cfg, 256, 16, dtype, "cpu"), nanofast.rope_tables(cfg, 256, "cpu")
+    kv, rope = nanofast.KVCache(cfg, 256, dtype, "cpu"), nanofast.rope_tables(cfg, 256, "cpu")
     assert cache == kv.data.nbytes + rope[0].nbytes + rope[1].nbytes
 
 
@@ -1922,6 +1921,176 @@ def test_cli_out_of_memory(tok_dir, monkeypatch, capsys, where, needle):
         loaded, err = err.split("\n", 1)
         assert loaded.startswith("[nanofast] loaded")
     _assert_cli_error(rc, out, err, ("out of memory", needle))
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding on the plain path: drafts from prompt lookup or a draft model, verified
+# k + 1 rows per forward. Greedy runs must be the model's own greedy tokens, sampled runs must
+# follow its distribution, and stops and the cache must be as without speculation.
+
+def test_lookup_drafts():
+    ctx = [5, 6, 7, 8, 9, 6, 7, 1, 2, 3, 6, 7]
+    assert nanofast.lookup_drafts(ctx, 3) == [1, 2, 3]  # "6 7" last occurred before "1 2 3" (latest match wins)
+    assert nanofast.lookup_drafts(ctx, 1) == [1]
+    assert nanofast.lookup_drafts([1, 2, 3, 9, 2, 3], 4) == [9, 2, 3]  # stops at the end of the context
+    assert nanofast.lookup_drafts([4, 1, 2, 3, 4, 7, 1, 2, 3], 2) == [4, 7]  # the longest n-gram: "1 2 3"
+    assert nanofast.lookup_drafts([1, 2, 3, 4], 4) == []  # no earlier occurrence
+    assert nanofast.lookup_drafts([1, 1], 3) == [1]
+
+
+@pytest.fixture(scope="session")
+def draft_ckpt(tmp_path_factory):
+    """Another random model with the test configurations' vocabulary: it drafts, mostly wrongly."""
+    return make_checkpoint(tmp_path_factory.mktemp("draft"), hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                           intermediate=64, seed=11)
+
+
+def _drafts(case, source):  # "lookup", "self" (the model drafts for itself: all accepted) or "other"
+    if source == "lookup":
+        return "lookup"
+    return load_engine(case["dir"] if source == "self" else case["draft_dir"])
+
+
+@pytest.mark.parametrize("k", [1, 4, 15])
+@pytest.mark.parametrize("source", ["lookup", "self", "other"])
+def test_speculative_greedy_is_the_models_greedy(case, draft_ckpt, source, k):
+    """With any draft source and k, greedy ids are transformers' greedy ids, and the stats add up."""
+    eng, P = load_engine(case["dir"]), len(case["prompt"])
+    want = case["greedy"][:40]
+    got = list(eng.generate(case["prompt"], max_new_tokens=40, draft=_drafts(dict(case, draft_dir=draft_ckpt),
+                                                                          source), spec_k=k))
+    assert got == want
+    sp = eng.stats["speculation"]
+    assert sp["k"] == k and sp["draft"] == ("lookup" if source == "lookup" else "model")
+    assert 0 <= sp["accepted"] <= sp["drafted"] <= k * sp["rounds"]
+    assert sp["accepted"] + sp["rounds"] == 40 - 1  # every token after the first comes from a round
+    if source == "self":
+        assert sp["accepted"] == sp["drafted"] > 0 and sp["rounds"] < 40 // (k + 1) + 2
+    assert eng.cache.tokens == case["prompt"] + got[:-1]
+    assert_logits_close(eng.prefill(case["prompt"] + got), case["logits"][P + 39], "the cache after speculation")
+
+
+@pytest.mark.parametrize("source", ["lookup", "self", "other"])
+def test_speculative_stops_are_exact(tied_case, draft_ckpt, source):
+    """A stop id inside an accepted block ends the output there; max_new_tokens and a full cache stop at
+    the same token as without speculation; a caller's early stop leaves the cache as the plain path does."""
+    prompt, greedy = tied_case["prompt"], tied_case["greedy"]
+    draft = _drafts(dict(tied_case, draft_dir=draft_ckpt), source)
+    stop = greedy[7]
+    want = greedy[:greedy.index(stop) + 1]
+    for kw, expected, reason in [(dict(stop_ids=[stop]), want, "eos"), (dict(max_new_tokens=13), greedy[:13],
+                                 "max_new_tokens"), (dict(max_new_tokens=40, max_seq_len=len(prompt) + 17),
+                                                     greedy[:17], "cache_full")]:
+        eng = load_engine(tied_case["dir"], max_seq_len=kw.pop("max_seq_len", 128))
+        if draft != "lookup":
+            draft = load_engine(draft.cfg and tied_case["dir"] if source == "self" else draft_ckpt,
+                                max_seq_len=eng.max_seq_len)
+        got = list(eng.generate(prompt, **{"max_new_tokens": 40, **kw}, draft=draft, spec_k=6))
+        assert (got, eng.stop_reason) == (expected, reason), kw
+        assert eng.cache.tokens == prompt + got[:-1], kw
+    tokens = eng.generate(prompt, max_new_tokens=40, draft=draft, spec_k=6)
+    taken = [next(tokens) for _ in range(9)]
+    tokens.close()
+    assert taken == greedy[:9] and eng.cache.tokens == prompt + taken[:-1] and eng.stop_reason == "interrupted"
+
+
+def test_speculative_prefix_reuse(tied_case, draft_ckpt):
+    """A second generation reuses the cache after a speculative one, and both engines' caches catch up."""
+    eng, draft = load_engine(tied_case["dir"]), load_engine(draft_ckpt)
+    prompt, greedy = tied_case["prompt"], tied_case["greedy"]
+    first = list(eng.generate(prompt, max_new_tokens=10, draft=draft))
+    longer = prompt + first + greedy[10:12]
+    again = list(eng.generate(longer, max_new_tokens=8, draft=draft))
+    assert eng.stats["reused_tokens"] == len(prompt) + 9
+    assert again == list(load_engine(tied_case["dir"]).generate(longer, max_new_tokens=8))
+
+
+def _chi2_critical(df, z=3.0902):  # the 0.999 quantile of chi-squared (Wilson-Hilferty)
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _exact_marginals(eng, prompt, n, probs):
+    """The distributions of the first n generated tokens, by enumerating every sequence (tiny vocab)."""
+    marg, frontier = [], {(): 1.0}
+    for _ in range(n):
+        nxt, dist = {}, torch.zeros(eng.cfg.vocab_size, dtype=torch.float64)
+        for seq, w in frontier.items():
+            p = probs(eng.forward(prompt + list(seq), 0)[-1]).double()
+            dist += w * p
+            nxt.update({seq + (t,): w * float(p[t]) for t in range(len(p)) if p[t] > 0})
+        marg.append(dist)
+        frontier = nxt
+    return marg
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=2.0), dict(temperature=3.0, top_k=6, top_p=0.9)],
+                         ids=["temperature", "top-k-top-p"])
+def test_speculative_sampling_follows_the_model(tmp_path, settings):
+    """At temperature > 0 each of the first four tokens, drawn with speculation (lookup drafts over a
+    prompt that repeats the model's greedy text, and a draft model that disagrees often), follows the
+    model's exact marginal distribution, computed by enumeration over a 12-token vocabulary: chi-squared
+    at the 0.1% level. Untied, so that the tiny model's distributions are spread."""
+    V, tiny = 12, dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, tied=False)
+    eng = load_engine(make_checkpoint(tmp_path / "m", vocab=V, **tiny), max_seq_len=20)
+    other = load_engine(make_checkpoint(tmp_path / "d", vocab=V, seed=5, **tiny), max_seq_len=20)
+    prompt = [1, 2] + list(eng.generate([1, 2], max_new_tokens=4)) + [1, 2]
+    probs = lambda logits: nanofast.sampling_probs(logits, settings["temperature"], settings.get("top_k", 0),  # noqa: E731
+                                                    settings.get("top_p", 1.0))
+    exact = _exact_marginals(eng, prompt, 4, probs)
+    for draft in ("lookup", other):
+        N, counts, accepted, rejected = 1500, torch.zeros(4, V), 0, 0
+        for seed in range(N):
+            out = list(eng.generate(prompt, max_new_tokens=4, seed=seed, draft=draft, spec_k=3, **settings))
+            sp = eng.stats["speculation"]
+            accepted, rejected = accepted + sp["accepted"], rejected + sp["drafted"] - sp["accepted"]
+            for i, t in enumerate(out):
+                counts[i, t] += 1
+        assert min(accepted, rejected) > N // 10  # both ways taken often enough to be tested
+        for i in range(4):
+            expected = N * exact[i]
+            keep = expected >= 5  # cells too small for the test are pooled into one
+            assert keep.sum() >= 3, exact[i]  # a spread distribution, or the test proves nothing
+            obs = torch.cat([counts[i][keep].double(), counts[i][~keep].sum().reshape(1).double()])
+            exp = torch.cat([expected[keep], expected[~keep].sum().reshape(1)])
+            obs, exp = obs[exp > 0], exp[exp > 0]
+            chi2 = float(((obs - exp) ** 2 / exp).sum())
+            assert chi2 < _chi2_critical(len(exp) - 1), (i, chi2, obs.tolist(), exp.tolist())
+
+
+def test_speculative_bad_settings(tied_case, draft_ckpt, tmp_path):
+    eng = load_engine(tied_case["dir"])
+    wide = make_checkpoint(tmp_path / "wide", vocab=151937, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                           intermediate=64)
+    for kw, needle in [(dict(draft="lookup", spec_k=0), "--spec-k"), (dict(draft="lookup", spec_k=16), "--spec-k"),
+                       (dict(draft="ngram"), "lookup"), (dict(draft=load_engine(wide)), "151937"),
+                       (dict(draft=load_engine(draft_ckpt, max_seq_len=64)), "max_seq_len")]:
+        with pytest.raises(nanofast.NanofastError, match=needle):
+            list(eng.generate(tied_case["prompt"], max_new_tokens=4, **kw))
+
+
+def test_cli_speculative(tok_dir, draft_ckpt, tmp_path, capsys):
+    """--lookup and --draft give the plain run's ids and report the rounds; bad input gets one line."""
+    m = ["--model", tok_dir, "--device", "cpu", "--dtype", "float32", "--prompt", "Hello there, hello there",
+         "--max-new-tokens", "12", "--temperature", "0", "--json"]
+    rc, out, _ = _main(m, capsys)
+    assert rc == 0
+    plain = json.loads(out)["generated_ids"]
+    for flags in (["--lookup"], ["--draft", draft_ckpt, "--spec-k", "3"]):
+        rc, out, err = _main(m + flags, capsys)
+        assert rc == 0, err
+        got = json.loads(out)
+        assert got["generated_ids"] == plain
+        assert got["timings"]["speculation"]["rounds"] > 0 and "[nanofast] speculation" in err
+    broken = tmp_path / "broken-draft"
+    shutil.copytree(draft_ckpt, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    for flags, needles in [(["--draft", tmp_path / "nothing"], ("draft model", "not found")),
+                           (["--draft", broken], ("draft model", "safetensors")),
+                           (["--draft", draft_ckpt, "--lookup"], ("--draft or --lookup",)),
+                           (["--lookup", "--spec-k", "0"], ("--spec-k",)),
+                           (["--lookup", "--spec-k", "16"], ("--spec-k",))]:
+        rc, out, err = _main(m + flags, capsys)
+        _assert_cli_error(rc, out, err, needles)
 
 
 # -----------------------------------------------------------------------------
@@ -2026,7 +2195,7 @@ def test_kernel_rmsnorm_gemv(kseed, N, K, BN, BK, wdt, odt):
     norm_w = (1 + 0.1 * torch.randn(K)).to(wdt).to(KDEV)
     W = krandn(N, K, std=K ** -0.5, dtype=wdt)
     out = poisoned(N, dtype=odt)
-    nanofast.rmsnorm_gemv(x, norm_w, W, out, 1e-6, BLOCK_N=BN, BLOCK_K=BK)
+    nanofast.rmsnorm_gemv(x, norm_w, nanofast.Proj(W), out, 1e-6, BLOCK_N=BN, BLOCK_K=BK)
     ref = nanofast.rms_norm(x, norm_w.float(), 1e-6) @ W.float().T
     assert_kernel_close(out, ref, odt)
 
@@ -2041,7 +2210,7 @@ def test_kernel_rmsnorm_gemv_silu(kseed, I, K, BN, BK, wdt):
     norm_w = (1 + 0.1 * torch.randn(K)).to(wdt).to(KDEV)
     W_gu = krandn(2 * I, K, std=2 * K ** -0.5, dtype=wdt)  # gate rows, then up rows
     out = poisoned(I, dtype=wdt)
-    nanofast.rmsnorm_gemv_silu(x, norm_w, W_gu, out, 1e-6, BLOCK_N=BN, BLOCK_K=BK)
+    nanofast.rmsnorm_gemv(x, norm_w, nanofast.Proj(W_gu), out, 1e-6, silu=True, BLOCK_N=BN, BLOCK_K=BK)
     gate, up = (nanofast.rms_norm(x, norm_w.float(), 1e-6) @ W_gu.float().T).chunk(2, dim=-1)
     assert_kernel_close(out, F.silu(gate) * up, wdt)
 
@@ -2058,7 +2227,7 @@ def test_kernel_gemv_add(kseed, SK, resid):
     h = h0.clone() if resid == torch.float32 else to_fixed(h0)  # the output too: every element is compared
     ref = h0
     for _ in range(2):  # accumulates
-        nanofast.gemv_add(a, W, h, BLOCK_N=16, BLOCK_K=64, SPLIT_K=SK)
+        nanofast.gemv_add(a, nanofast.Proj(W), h, BLOCK_N=16, BLOCK_K=64, SPLIT_K=SK)
         ref = ref + W.float() @ a.float()
         assert_kernel_close(h if resid == torch.float32 else from_fixed(h), ref, torch.float32)
 
@@ -2071,12 +2240,12 @@ def test_kernel_gemvs_read_fixed_point_residual(kseed):
     x = from_fixed(to_fixed(x))  # exactly representable both ways
     norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
     W = krandn(2 * N, K, std=K ** -0.5, dtype=KDT)
-    for launch, out_dtype in ((nanofast.rmsnorm_gemv, torch.float32), (nanofast.rmsnorm_gemv_silu, KDT)):
+    for silu, out_dtype in ((False, torch.float32), (True, KDT)):
         outs = []
         for resid in (x, to_fixed(x)):
-            outs.append(poisoned(2 * N if launch is nanofast.rmsnorm_gemv else N, dtype=out_dtype))
-            launch(resid, norm_w, W, outs[-1], 1e-6, BLOCK_N=16, BLOCK_K=64)
-        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), launch.__name__
+            outs.append(poisoned(N if silu else 2 * N, dtype=out_dtype))
+            nanofast.rmsnorm_gemv(resid, norm_w, nanofast.Proj(W), outs[-1], 1e-6, silu=silu, BLOCK_N=16, BLOCK_K=64)
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), f"silu={silu}"
 
 
 FP8_TILE_CASES = [(n, K) for N, K in sorted(nanofast.FP8_TILES) for n in (N, N // 2)]
@@ -2094,27 +2263,27 @@ def test_kernel_gemvs_fp8(kseed, N, K, BN, BK, SK):
     (N rows for rmsnorm_gemv's entry, N / 2 for rmsnorm_gemv_silu's: its matrix has 2N rows)."""
     x = krandn(K, std=3.0, dtype=torch.float32)
     norm_w = (1 + 0.1 * torch.randn(K)).to(KDT).to(KDEV)
-    (W, s), (W_gu, s_gu) = [nanofast.quantize_fp8(torch.randn(n, K) * K ** -0.5) for n in (N, 2 * N)]
-    dense = [nanofast.dequantize(w_, s_, torch.float32) for w_, s_ in ((W, s), (W_gu, s_gu))]
-    assert all(torch.equal(x, fp8_dequantize(w_, s_)) for x, (w_, s_) in zip(dense, ((W, s), (W_gu, s_gu))))
-    W, s, W_gu, s_gu = [t.to(KDEV) for t in (W, s, W_gu, s_gu)]
-    assert torch.equal(nanofast.dequantize_triton(W, s, torch.float32).cpu(), dense[0])
+    W, W_gu = [nanofast.quantize_fp8(torch.randn(n, K) * K ** -0.5) for n in (N, 2 * N)]
+    dense = [nanofast.dequantize(p, torch.float32) for p in (W, W_gu)]
+    assert all(torch.equal(x, fp8_dequantize(p.weight, p.scale)) for x, p in zip(dense, (W, W_gu)))
+    W, W_gu = [nanofast.Proj(p.weight.to(KDEV), p.scale.to(KDEV)) for p in (W, W_gu)]
+    assert torch.equal(nanofast.dequantize(W, torch.float32).cpu(), dense[0])  # on CUDA: the one-pass kernel
     xn = nanofast.rms_norm(x, norm_w.float(), 1e-6).cpu()
     out = poisoned(N)
-    nanofast.rmsnorm_gemv(x, norm_w, W, out, 1e-6, s, BLOCK_N=BN, BLOCK_K=BK)
+    nanofast.rmsnorm_gemv(x, norm_w, W, out, 1e-6, BLOCK_N=BN, BLOCK_K=BK)
     assert_kernel_close(out, xn @ dense[0].T, torch.float32, "rmsnorm_gemv")
     act = poisoned(N, dtype=KDT)
-    nanofast.rmsnorm_gemv_silu(x, norm_w, W_gu, act, 1e-6, s_gu, BLOCK_N=BN, BLOCK_K=BK)
+    nanofast.rmsnorm_gemv(x, norm_w, W_gu, act, 1e-6, silu=True, BLOCK_N=BN, BLOCK_K=BK)
     gate, up = (xn @ dense[1].T).chunk(2)
-    assert_kernel_close(act, F.silu(gate) * up, KDT, "rmsnorm_gemv_silu")
+    assert_kernel_close(act, F.silu(gate) * up, KDT, "rmsnorm_gemv silu")
     a, h = krandn(K), krandn(N, dtype=torch.float32)
     ref = h.cpu() + dense[0] @ a.float().cpu()
-    nanofast.gemv_add(a, W, h, s, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK)
+    nanofast.gemv_add(a, W, h, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK)
     assert_kernel_close(h, ref, torch.float32, "gemv_add")
 
 
-def _tiny_config(Hq, Hkv, hd):
-    return nanofast.Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=Hq,
+def _tiny_config(Hq, Hkv, hd, vocab=64):
+    return nanofast.Config(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=Hq,
                            num_kv_heads=Hkv, head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6,
                            tie_word_embeddings=True)
 
@@ -2134,9 +2303,9 @@ def test_kernel_decode_attention(kseed, G, nsplit, single_max, dtype, BLOCK_S):
     cfg = _tiny_config(Hq, Hkv, hd)
     cos, sin = nanofast.rope_tables(cfg, S, KDEV)
     q_norm, k_norm = [(1 + 0.1 * torch.randn(hd)).to(dtype).to(KDEV) for _ in range(2)]
-    cache = nanofast.KVCache(cfg, max_seq_len=S, page_size=8, dtype=dtype, device=KDEV)
+    cache = nanofast.KVCache(cfg, max_seq_len=S, dtype=dtype, device=KDEV)
     cache.data.fill_(NAN)  # a row read before it is written fails
-    k_cache, v_cache = cache.flat(0)
+    k_cache, v_cache = cache.k[0], cache.v[0]
     k_ref, v_ref = torch.zeros(S, Hkv, hd), torch.zeros(S, Hkv, hd)
     scratch = nanofast.make_attention_scratch(Hq, Hkv, hd, nsplit, KDEV)
     for p in [*range(0, 40), 47, 48, 63, 64, 65]:
@@ -2168,22 +2337,23 @@ def test_kernel_decode_attention(kseed, G, nsplit, single_max, dtype, BLOCK_S):
 POISON_TOK = -7
 
 
-def _sampler(V, block, ring=8):
-    return nanofast.Sampler(V, ring, KDEV, block=block)
+def _sampler(V, block, ring=8):  # a DecodeState with a tiny model's activations, all but the sampler unused
+    return nanofast.DecodeState(_tiny_config(2, 1, 16, vocab=V), torch.float32, KDEV, ring=ring, block=block)
 
 
-def _sample(logits, sampler):
-    """One Sampler.sample with a poisoned token; checks it was written and the scratch left clean."""
-    sampler.tok.fill_(POISON_TOK)
-    sampler.sample(logits)
-    tok = int(sampler.tok)
+def _sample(logits, st):
+    """One sample_on_gpu with a poisoned token; checks it was written and the scratch left clean."""
+    st.token.fill_(POISON_TOK)
+    st.logits.copy_(logits.reshape(-1))
+    nanofast.sample_on_gpu(st)
+    tok = int(st.token)
     assert 0 <= tok < logits.numel()
-    assert not sampler.counters.any() and not sampler.count_bins.any() and not sampler.mass_bins.any()
+    assert not st.arrivals.any() and not st.count_bins.any() and not st.mass_bins.any()
     return tok
 
 
 def kernel_allowed_set(logits, sampler):
-    """The tokens the last Sampler.sample could draw: keys of logits / T at or above the threshold
+    """The tokens the last sample_on_gpu could draw: keys of logits / T at or above the threshold
     it left in its scratch (top-p's if top-p was on, else top-k's; 0 = all). The key is the
     order-preserving uint32 image of the fp32 score, as the kernels compute it."""
     T, top_p = float(sampler.temperature), float(sampler.top_p)
@@ -2200,7 +2370,7 @@ def kernel_allowed_set(logits, sampler):
 def test_kernel_sampler_greedy_is_argmax(kseed):
     V = 300
     sampler = _sampler(V, block=128)
-    sampler.set_params(0.0, top_k=5, top_p=0.5)  # filters are ignored when greedy
+    nanofast.set_sampling(sampler, 0.0, top_k=5, top_p=0.5)  # filters are ignored when greedy
     for logits in (torch.randn(V) * 3, torch.round(torch.randn(V) * 2), torch.randn(V) - 60):  # 2nd: ties
         expected = nanofast.sample(logits, 0.0, 5, 0.5)  # the plain sampler; ties -> lowest index
         assert expected == int(torch.argmax(logits))
@@ -2209,7 +2379,7 @@ def test_kernel_sampler_greedy_is_argmax(kseed):
 
 @requires_triton
 def test_kernel_sampler_allowed_set(kseed):
-    """The set Sampler.sample draws from is exactly transformers' (the sort-based allowed_set of
+    """The set sample_on_gpu draws from is exactly transformers' (the sort-based allowed_set of
     the sampling section), for a few (T, top_k, top_p); one sampler for all of them,
     so each call must also find the scratch clean after a call with other settings."""
     V = 300
@@ -2222,7 +2392,7 @@ def test_kernel_sampler_allowed_set(kseed):
         expected = allowed_set(logits, T, k, p)
         if p < 1.0:  # test data: the top-p cut is not a rounding call
             assert allowed_set(logits, T, k, p - 1e-4) == expected == allowed_set(logits, T, k, p + 1e-4)
-        sampler.set_params(T, k, p, seed=i)
+        nanofast.set_sampling(sampler, T, k, p, seed=i)
         tok = _sample(logits.to(KDEV), sampler)
         assert kernel_allowed_set(logits, sampler) == expected, (T, k, p)
         assert tok in expected
@@ -2235,13 +2405,13 @@ def test_kernel_sampler_seeded_ring_pos_step():
 
     def generate(seed, n):
         sampler = _sampler(V, block=64, ring=R)
-        sampler.set_params(1.0, 0, 0.9, seed)
+        nanofast.set_sampling(sampler, 1.0, 0, 0.9, seed)
         sampler.pos.fill_(40)
         sampler.ring.fill_(POISON_TOK)
         tokens = []
         for i in range(n):
             tokens.append(_sample(logits, sampler))
-            assert (int(sampler.step), int(sampler.pos)) == (i + 1, 41 + i), f"call {i}: step/pos"
+            assert (int(sampler.draws), int(sampler.pos)) == (i + 1, 41 + i), f"call {i}: draws/pos"
             assert int(sampler.ring[i % R]) == tokens[-1], f"call {i}: ring"
         if n == 6:
             assert sampler.ring.tolist() == [tokens[4], tokens[5], tokens[2], tokens[3]]
@@ -2264,7 +2434,7 @@ def test_kernel_sampler_frequencies():
     logits = torch.cat([4 * probs.log(), torch.tensor([-math.inf], dtype=torch.float64)]).float().to(KDEV)
     n = 160 if INTERPRET else 4000
     sampler = _sampler(5, block=16)
-    sampler.set_params(4.0, 0, 1.0, seed=2024)
+    nanofast.set_sampling(sampler, 4.0, 0, 1.0, seed=2024)
     draws = [_sample(logits, sampler) for _ in range(n)]
     assert 4 not in draws
     p_value = chi2_p_value(draws, dict(enumerate(probs.tolist())))
@@ -2278,7 +2448,7 @@ def test_kernel_sampler_rejects_bad_settings():
     for name, (kw, words) in BAD_SETTINGS.items():
         if "max_new_tokens" not in kw:
             with raises_one_line(words):
-                sampler.set_params(kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0))
+                nanofast.set_sampling(sampler, kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0))
 
 
 # FastDecoder.run_step against the plain model, max |diff| <= RUN_STEP_RTOL * max |reference|
@@ -2293,41 +2463,106 @@ RUN_STEP_RTOL = 1e-4 if KDT == torch.float32 else 3e-2
 
 @requires_triton
 def test_fast_decoder_run_step(tmp_path, monkeypatch):
-    """FastDecoder.run_step driven by hand, teacher-forced over 10 positions (pages of 4),
+    """FastDecoder.run_step driven by hand, teacher-forced over 10 positions,
     against engine.forward([tok], pos) of a separate plain engine with its own cache."""
     if INTERPRET:  # size the grids for a 2-SM device: 2 KV splits and few GEMV programs
         monkeypatch.setattr(nanofast, "num_sms", lambda: 2)
-    V, steps, page = SMALL_VOCAB["vocab"], 10, 4
+    V, steps = SMALL_VOCAB["vocab"], 10
     d = make_checkpoint(tmp_path / "ckpt", **SMALL_VOCAB, head_dim=KHD, dtype=KDT)
-    engine = nanofast.load(str(d), device=KDEV, dtype=KDT, max_seq_len=16, page_size=page, fast=False,
-                           verbose=False)
-    ref = nanofast.load(str(d), device=KDEV, dtype=torch.float32, max_seq_len=16, page_size=page, fast=False,
-                        verbose=False)
-    decoder = nanofast.FastDecoder(engine, capture=False)
-    decoder.sampler.set_params(0.0)  # greedy
+    engine = nanofast.load(str(d), device=KDEV, dtype=KDT, max_seq_len=16, fast=False, verbose=False)
+    ref = nanofast.load(str(d), device=KDEV, dtype=torch.float32, max_seq_len=16, fast=False, verbose=False)
+    decoder = nanofast.FastDecoder(engine.weights, engine.cfg, engine.cache, engine.rope, capture=False)
+    st = decoder.st
+    nanofast.set_sampling(st, 0.0)  # greedy
     engine.cache.data.fill_(NAN)  # rows not yet written must never be read
     tokens = torch.randint(0, V, (steps,), generator=torch.Generator().manual_seed(1)).tolist()
     for pos, tok in enumerate(tokens):
-        for buf in (decoder.h, decoder.qkv, decoder.attn, decoder.act, decoder.logits):
+        for buf in (st.h, st.qkv, st.attn, st.act, st.logits):
             buf.fill_(NAN if buf.is_floating_point() else -2 ** 63)  # h: fixed point, -2^31 if unwritten
-        decoder.sampler.tok.fill_(tok)
-        decoder.sampler.pos.fill_(pos)
+        st.token.fill_(tok)
+        st.pos.fill_(pos)
         with torch.inference_mode():
             decoder.run_step()
-        got = decoder.logits.cpu()
+        got = st.logits.cpu()
         want = ref.forward([tok], pos)[0].cpu()
         diff = assert_kernel_close(got, want, KDT, f"logits at position {pos}", rtol=RUN_STEP_RTOL)
         best = int(torch.argmax(got))
-        assert int(decoder.sampler.tok) == best and int(decoder.sampler.ring[pos]) == best, f"position {pos}: token"
-        assert (int(decoder.sampler.pos), int(decoder.sampler.step)) == (pos + 1, pos + 1), f"position {pos}: pos/step"
+        assert int(st.token) == best and int(st.ring[pos]) == best, f"position {pos}: token"
+        assert (int(st.pos), int(st.draws)) == (pos + 1, pos + 1), f"position {pos}: pos/draws"
         top2 = want.topk(2).values
         if top2[0] - top2[1] > 2 * diff:  # the reference's choice is beyond the difference
             assert best == int(torch.argmax(want)), f"position {pos}"
-    # the cache rows the kernels wrote, crossing two page boundaries, against the plain model's
+    # the cache rows the kernels wrote, against the plain model's
     for i in range(engine.cfg.num_layers):
-        for got, want in zip(engine.cache.flat(i), ref.cache.flat(i)):
+        for got, want in ((engine.cache.k[i], ref.cache.k[i]), (engine.cache.v[i], ref.cache.v[i])):
             assert_kernel_close(got[:steps], want[:steps], KDT, f"layer {i} cache", rtol=RUN_STEP_RTOL)
             assert got[steps:].isnan().all()
+
+
+# Compiled for a Hopper GPU on any machine. The interpreter runs kernels as Python and misses what
+# only the compiler checks (types, constexpr branches, every return typed alike), so a subprocess,
+# with a stand-in driver, compiles the decode step's kernels and prefill's for sm_90a, launching none.
+COMPILE_FOR_HOPPER = r"""
+import json, sys, torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+
+class Hopper:  # what JITFunction.run asks of a driver before it compiles
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+
+
+driver.set_active(Hopper())
+compiled = []
+jit.JITFunction.__getitem__ = lambda self, grid: lambda *a, **kw: compiled.append(
+    self.run(*a, grid=grid, warmup=True, **kw))
+import nanofast as nf
+
+cfg, bf = nf.Config(**json.loads(sys.argv[1])), torch.bfloat16
+D, I, V, hd, Hq, Hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim, cfg.num_heads,
+                        cfg.num_kv_heads)
+fake = lambda *shape, dtype=bf: torch.empty(1, dtype=dtype).expand(*shape)  # the shape, not the memory
+
+
+def proj(N, K):
+    if not cfg.fp8:
+        return nf.Proj(fake(N, K))
+    return nf.Proj(fake(N, K, dtype=torch.float8_e4m3fn), fake(-(-N // 128), -(-K // 128), dtype=torch.float32))
+
+
+layer = nf.Layer(attn_norm=fake(D), qkv=proj((Hq + 2 * Hkv) * hd, D), q_norm=fake(hd), k_norm=fake(hd),
+                 o=proj(D, Hq * hd), mlp_norm=fake(D), gate_up=proj(2 * I, D), down=proj(D, I))
+w = nf.Weights(embed=fake(V, D), layers=[layer], norm=fake(D), lm_head=nf.Proj(fake(V, D)))
+cache, rope = nf.KVCache(cfg, 256, bf, "cpu"), nf.rope_tables(cfg, 256, "cpu")
+nf.FastDecoder(w, cfg, cache, rope, pdl=True, capture=False).run_step()
+T, x = 16, torch.empty(16, D, dtype=bf)
+nf.rms_norm_rows(x, fake(D), 1e-6, torch.empty_like(x), add=torch.empty_like(x))
+nf.silu_mul_rows(torch.empty(T, 2 * I, dtype=bf), torch.empty(T, I, dtype=bf))
+nf.qk_norm_rope_rows(torch.empty(T, (Hq + 2 * Hkv) * hd, dtype=bf), fake(hd), fake(hd), *rope, 0,
+                     torch.empty(T, Hq, hd, dtype=bf), cache.k[0], cache.v[0], 1e-6)
+if cfg.fp8:
+    p = layer.qkv
+    nf._dequant_kernel[p.scale.shape](p.weight, p.scale, torch.empty(p.shape, dtype=bf), *p.shape, p.scale.shape[1],
+                                      B=nf.FP8_BLOCK)
+print(len(compiled), "kernels compiled")
+"""
+
+
+@requires_triton
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_kernels_compile_for_hopper(fp8):
+    """Every kernel of a decode step (embedding, the layer's five, lm_head, the sampler's seven) and
+    of prefill compiles for sm_90a with PDL, at Qwen3-0.6B's shapes, here as on a GPU."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no NVIDIA backend")
+    cfg = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=1, num_heads=16,
+               num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, fp8=fp8)
+    r = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, json.dumps(cfg)], cwd=REPO, capture_output=True,
+                       text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.split()[0] == str(17 + fp8), r.stdout
 
 
 @requires_triton
@@ -2339,9 +2574,9 @@ def test_prefill_forward_matches_forward(tmp_path, dtype):
     over two chunks (the second at pos > 0). The attention is the plain one here, so only
     the kernels differ."""
     d = make_checkpoint(tmp_path / "ckpt", **SMALL_VOCAB, head_dim=KHD, dtype=torch.float32)
-    engines = [nanofast.load(str(d), device=KDEV, dtype=dtype, max_seq_len=32, page_size=4, fast=False,
-                             verbose=False) for _ in range(2)]
-    ids = torch.randint(0, 512, (19,), generator=torch.Generator().manual_seed(0)).to(KDEV)
+    engines = [nanofast.load(str(d), device=KDEV, dtype=dtype, max_seq_len=32, fast=False, verbose=False)
+               for _ in range(2)]
+    ids = torch.randint(0, 512, (19,), generator=torch.Generator().manual_seed(0)).tolist()
     want = [nanofast.forward(engines[0].weights, engines[0].cfg, engines[0].cache, engines[0].rope, ids[a:b], a,
                              last_only=True) for a, b in ((0, 11), (11, 19))]
     e = engines[1]
@@ -2350,7 +2585,8 @@ def test_prefill_forward_matches_forward(tmp_path, dtype):
     rtol = 1e-4 if dtype == torch.float32 else 2e-2
     for g, w_ in zip(got, want):
         assert_kernel_close(g, w_, torch.float32, "logits", rtol=rtol)
-    assert_kernel_close(e.cache.data[:, :, :5], engines[0].cache.data[:, :, :5], torch.float32, "cache", rtol=rtol)
+    assert_kernel_close(e.cache.data[:, :, :19], engines[0].cache.data[:, :, :19], torch.float32, "cache", rtol=rtol)
+    assert e.cache.tokens == engines[0].cache.tokens == ids
 
 
 # -----------------------------------------------------------------------------
@@ -2393,7 +2629,7 @@ def rel_err(a, b):  # per row: ||a - b|| / ||b||
 
 @requires_fast
 def test_fast_logits_match_plain_and_transformers(gpu_case):
-    """Prefill and 256 replayed decode steps (crossing pages of 16), teacher-forced with the
+    """Prefill and 256 replayed decode steps, teacher-forced with the
     fast path's greedy tokens, against the plain bf16 path, transformers' bf16 model and the
     plain path in fp32."""
     name, d, engine = gpu_case
@@ -2558,7 +2794,7 @@ def test_fast_fp8_matches_plain(tmp_path, name):
     load = lambda **kw: nanofast.load(str(d), device="cuda", max_seq_len=512, quantize="fp8", verbose=False, **kw)  # noqa: E731
     engine = load()
     L = engine.weights.layers[0]
-    assert engine.fast and engine.weight_format == "fp8" and L.qkv.dtype == torch.float8_e4m3fn
+    assert engine.fast and engine.weight_format == "fp8" and L.qkv.fp8 and L.qkv.weight.dtype == torch.float8_e4m3fn
     prompt = random_prompt(100, seed=5)
     fast = [engine.prefill(prompt)]
     for _ in range(128):
@@ -2641,17 +2877,17 @@ def test_fast_split_k_is_deterministic(fp8):
     every call, however its programs happen to be scheduled."""
     N, K = 4096, 12288
     W = torch.randn(N, K, device="cuda") * K ** -0.5
-    W, s = nanofast.quantize_fp8(W) if fp8 else (W.bfloat16(), None)
+    W = nanofast.quantize_fp8(W) if fp8 else nanofast.Proj(W.bfloat16())
     a = torch.randn(K, device="cuda").bfloat16()
     h0 = to_fixed(torch.randn(N, device="cuda") * 10)
-    assert nanofast.gemv_config(N, K, split_k=True, fp8=fp8)[2] > 1
+    assert nanofast.gemv_tiles("add", N, K, fp8)[2] > 1
     outs = []
     for _ in range(50):
         h = h0.clone()
-        nanofast.gemv_add(a, W, h, s)
+        nanofast.gemv_add(a, W, h)
         outs.append(h)
     assert all(torch.equal(o, outs[0]) for o in outs)
-    ref = from_fixed(h0).double() + nanofast.dequantize(W, s, torch.float32).double() @ a.double()
+    ref = from_fixed(h0).double() + nanofast.dequantize(W, torch.float32).double() @ a.double()
     assert rel_err(from_fixed(outs[0]), ref) < 1e-5
 
 
@@ -2741,5 +2977,5 @@ def test_gpu_weight_bytes_are_what_loads(tmp_path, quantize):
     # the estimate the memory check uses, against the weights on the card (fp8 kept as fp8 there)
     d = make_checkpoint(tmp_path / "ckpt", **GPU_SHAPES["tiny"])
     engine = nanofast.load(str(d), device="cuda", max_seq_len=64, quantize=quantize, fast=False, verbose=False)
-    assert (engine.weights.layers[0].qkv.dtype == torch.float8_e4m3fn) == (quantize == "fp8")
+    assert engine.weights.layers[0].qkv.fp8 == (quantize == "fp8")
     assert engine.weight_bytes == weights_nbytes(engine.weights)
