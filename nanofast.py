@@ -1874,14 +1874,12 @@ class Engine:
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         start, t0 = self.cache.reusable(prompt_ids), time.perf_counter()
         spec = dict(draft="lookup" if draft == "lookup" else "model", k=spec_k, rounds=0, drafted=0, accepted=0)
-        if draft is not None:
-            source = self._speculative_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec)
-        elif self.fast:
+        if self.fast:
             set_sampling(self.decoder.st, temperature, top_k, top_p, seed)
             self.decoder.prefill(prompt_ids, start)
             source = self.decoder.stream(limit)
         else:
-            source = self._plain_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed)
+            source = self._plain_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec)
         stop, out, t_first = set(stop_ids), [], None
         self.stop_reason, self.stats = None, {}
         try:
@@ -1923,15 +1921,17 @@ class Engine:
             raise NanofastError(f"the draft model's max_seq_len {draft.max_seq_len} is below the model's "
                                 f"{self.max_seq_len}")
 
-    def _speculative_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec):
-        """_plain_stream's tokens, several per forward (see "speculative decoding"); counts into spec."""
+    def _plain_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec):
+        """The plain path's tokens: one per forward, or with a draft several (see "speculative decoding");
+        spec counts the rounds. Without drafts a round is one ordinary step."""
         generator = torch.Generator().manual_seed(seed)
         out = [sample(self.forward(prompt_ids[start:], start, last_only=True)[0], temperature, top_k, top_p,
                       generator)]
         yield out[0]
         while len(out) < limit:
             context, n = prompt_ids + out, min(spec["k"], limit - len(out) - 1)  # room for the drafts and one more
-            drafts = lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n)
+            drafts = (lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n) if draft
+                      else [])
             pos = len(context) - 1  # where the last token goes, before the drafts
             a, token = accept_drafts(self.forward(context[-1:] + drafts, pos), drafts, temperature, top_k, top_p,
                                      generator)
@@ -1953,15 +1953,6 @@ class Engine:
             if len(drafts) < k:
                 logits = self.forward(drafts[-1:], len(context) + len(drafts) - 1)[0]
         return drafts
-
-    def _plain_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
-        generator = torch.Generator().manual_seed(seed)
-        logits = self.forward(prompt_ids[start:], start, last_only=True)[0]
-        for i in range(limit):
-            token = sample(logits, temperature, top_k, top_p, generator)
-            yield token
-            if i + 1 < limit:
-                logits = self.forward([token], len(prompt_ids) + i)[0]
 
 
 def load(model_dir: str, **kwargs) -> Engine:
