@@ -1515,7 +1515,8 @@ class DecodeState:
         self.attn = zeros(Hq * hd, dtype=dtype)        # attention output, o_proj's input
         self.act = zeros(I, dtype=dtype)               # silu(gate) * up, down_proj's input
         self.logits = zeros(V, dtype=f32)              # lm_head's output, the sampler's input
-        # Scratch, left as found by every step. Attention: split-KV partials, about 2 programs per SM.
+        # Scratch, left as found by every step. Attention: split-KV partials m, l (Hq, nsplit) and acc
+        # (Hq, nsplit, hd) fp32, arrivals (Hkv,) int32, with nsplit about 2 programs per SM.
         self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, max(1, triton.cdiv(2 * num_sms(), Hkv)), device)
         # The sampler: num_blocks programs of block logits each.
         self.block, self.num_blocks = block, triton.cdiv(V, block)
