@@ -848,6 +848,121 @@ def blob_id(path):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+# --sass: the machine code of one decode step (and of prefill's row kernels), compiled for a Hopper GPU
+# (sm_90a) on any machine, with a stand-in driver and weights that have shapes but no memory. Two
+# versions whose kernels compile to the same SASS run at the same speed; where they differ, the
+# registers and instruction counts say where to look before a GPU is at hand. Not a measurement.
+SASS_SCRIPT = r"""
+import hashlib, json, os, subprocess, sys, tempfile, types
+os.environ["TRITON_INTERPRET"] = "0"
+path, cfg_json, fmt = sys.argv[1:4]
+sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+import importlib.util, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+
+class Hopper:  # what JITFunction.run asks of a driver before it compiles
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+
+
+driver.set_active(Hopper())
+compiled = []
+jit.JITFunction.__getitem__ = lambda self, grid: lambda *a, **kw: compiled.append(
+    (self.fn.__name__, self.run(*a, grid=grid, warmup=True, **kw)))
+spec = importlib.util.spec_from_file_location("nanofast_sass", path)
+nf = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = nf
+spec.loader.exec_module(nf)
+nf.num_sms = lambda: 132  # an H100's
+cfg, bf = nf.Config(**json.loads(cfg_json), fp8=fmt == "fp8"), torch.bfloat16
+D, I, V, hd, Hq, Hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim, cfg.num_heads,
+                        cfg.num_kv_heads)
+fake = lambda *shape, dtype=bf: torch.empty(1, dtype=dtype).expand(*shape)  # the shape, not the memory
+mats = {"qkv": ((Hq + 2 * Hkv) * hd, D), "o": (D, Hq * hd), "gate_up": (2 * I, D), "down": (D, I)}
+w8 = {k: (fake(n, c, dtype=torch.float8_e4m3fn), fake(-(-n // 128), -(-c // 128), dtype=torch.float32)) if cfg.fp8
+      else (fake(n, c), None) for k, (n, c) in mats.items()}
+norms = dict(attn_norm=fake(D), q_norm=fake(hd), k_norm=fake(hd), mlp_norm=fake(D))
+E = fake(V, D)
+if hasattr(nf, "Proj"):  # this version's data model
+    w = nf.Weights(embed=E, layers=[nf.Layer(**norms, **{k: nf.Proj(*v) for k, v in w8.items()})], norm=fake(D),
+                   lm_head=nf.Proj(E))
+    cache, rope = nf.KVCache(cfg, 256, bf, "cpu"), nf.rope_tables(cfg, 256, "cpu")
+    nf.FastDecoder(w, cfg, cache, rope, pdl=True, capture=False).run_step()
+    kc, vc = cache.k[0], cache.v[0]
+else:  # nanofast.py before Proj: matrices and scales apart, FastDecoder(engine)
+    w = nf.Weights(embed=E, layers=[nf.Layer(**norms, **{k: v[0] for k, v in w8.items()},
+                                             **{k + "_s": v[1] for k, v in w8.items()})], norm=fake(D), lm_head=E)
+    cache, rope = nf.KVCache(cfg, 256, 16, bf, "cpu"), nf.rope_tables(cfg, 256, "cpu")
+    engine = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=bf, weights=w, cache=cache, rope=rope,
+                                   max_seq_len=256)
+    nf.FastDecoder(engine, pdl=True, capture=False).run_step()
+    kc, vc = cache.flat(0)
+T, x = 128, torch.empty(128, D, dtype=bf)
+nf.rms_norm_rows(x, fake(D), 1e-6, torch.empty_like(x), add=torch.empty_like(x))
+nf.silu_mul_rows(torch.empty(T, 2 * I, dtype=bf), torch.empty(T, I, dtype=bf))
+nf.qk_norm_rope_rows(torch.empty(T, (Hq + 2 * Hkv) * hd, dtype=bf), fake(hd), fake(hd), *rope, 0,
+                     torch.empty(T, Hq, hd, dtype=bf), kc, vc, 1e-6)
+if cfg.fp8:  # prefill's one-pass dequantization
+    q, s = w8["qkv"]
+    nf._dequant_kernel[s.shape](q, s, torch.empty(q.shape, dtype=bf), *q.shape, s.shape[1], B=128)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+seen = set()
+for name, k in compiled:
+    if k.hash in seen:
+        continue
+    seen.add(k.hash)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    code = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
+            if line.strip().startswith("/*") and "*/" in line]
+    use = dict(part.split(":", 1) for part in next(x for x in res.splitlines() if "REG:" in x).split() if ":" in part)
+    print(json.dumps(dict(kernel=name, regs=int(use["REG"]), spill_bytes=int(use["LOCAL"]), instructions=len(code),
+                          sass=hashlib.sha1("\n".join(code).encode()).hexdigest())))
+"""
+
+
+def sass_report(path: str, shape: str, fmt: str) -> list:
+    """Each distinct kernel of one decode step and of prefill, in launch order: registers, spills, SASS."""
+    D, L, H, KV, hd, I, tied = SHAPES[shape]
+    cfg = dict(vocab_size=VOCAB.get(shape, 151936), hidden_size=D, intermediate_size=I, num_layers=1, num_heads=H,
+               num_kv_heads=KV, head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=tied)
+    r = subprocess.run([sys.executable, "-c", SASS_SCRIPT, path, json.dumps(cfg), fmt], capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise RuntimeError(f"{os.path.basename(path)} does not compile for sm_90a: {r.stderr.strip()[-1500:]}")
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def sass_compare(args) -> int:
+    """--sass: this nanofast.py's kernels (and --baseline's, side by side), compiled for sm_90a."""
+    ok = True
+    for shape in args.shapes:
+        for fmt in ("bf16", "fp8"):
+            new = attempt(f"{shape} {fmt} sass", sass_report, nanofast.__file__, shape, fmt) or []
+            old = (attempt(f"{shape} {fmt} baseline sass", sass_report, args.baseline, shape, fmt) or []
+                   if args.baseline else [])
+            same = sum(a["sass"] == b["sass"] for a, b in zip(old, new))
+            print(f"\n{shape} {fmt}: {len(new)} kernels" + (f", {same} with the baseline's machine code "
+                                                          f"({len(old)} in the baseline)" if args.baseline else ""))
+            for i, k in enumerate(new):
+                b = old[i] if i < len(old) else None
+                diff = "" if b is None else ("  same" if b["sass"] == k["sass"] else
+                                             f"  differs: registers {b['regs']} -> {k['regs']}, instructions "
+                                             f"{b['instructions']} -> {k['instructions']}")
+                print(f"  {k['kernel']:<28} registers {k['regs']:>4}  spills {k['spill_bytes']:>4} B  "
+                      f"instructions {k['instructions']:>6}{diff}")
+                ok = ok and k["spill_bytes"] == 0
+    if ERRORS:
+        print(f"\n{len(ERRORS)} failed:\n  " + "\n  ".join(ERRORS))
+    return 0 if ok and not ERRORS else 1
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark nanofast against the bandwidth floor and transformers.")
     add = p.add_argument
@@ -874,6 +989,9 @@ def parse_args(argv=None):
     add("--cache-dir", default=os.path.join(tempfile.gettempdir(), "nanofast-bench"),
         help="where random checkpoints are written and reused (default: TMP/nanofast-bench)")
     add("--out", help="also write the JSON to this file")
+    add("--sass", action="store_true", help="no GPU needed: compile the decode step's kernels for sm_90a and print "
+        "registers, spills and instruction counts, and with --baseline whether each kernel's machine code is the "
+        "baseline's (a refactor that keeps it cannot change the speed); --shape as for timing")
     add("--quick", action="store_true", help="few tokens and runs: smoke tests only, not for claims")
     a = p.parse_args(argv)
     if a.quick:
@@ -916,6 +1034,8 @@ def stop(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sass:
+        return sass_compare(args)
     device = nanofast.pick_device(args.device)
     if args.fp8 and device.type != "cuda":
         sys.exit("bench.py: --fp8 measures the fp8 GPU kernels; on the CPU the projections are dequantized at load")

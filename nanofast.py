@@ -714,74 +714,52 @@ def gemv_tiles(kind: str, N: int, K: int, fp8: bool = False) -> tuple:
 
 # --- 2. fused RMSNorm + GEMV:  out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w)
 # Every program re-reads x (from L2) and recomputes sum(x^2) in the same loop that uses
-# x, so the norm costs no extra launch and no extra pass.
+# x, so the norm costs no extra launch and no extra pass. SILU (gate/up): W is [gate; up],
+# the up rows N rows below the gate rows, and a program streams both tiles of its rows:
+# out = silu(W_gate @ xn) * (W_up @ xn).
 
 @triton.jit
 def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
                          N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, UNROLL: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         SILU: tl.constexpr, USE_PDL: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)                                # [BLOCK_N]
     cols = tl.arange(0, BLOCK_K)                                       # [BLOCK_K]
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # [BLOCK_N, BLOCK_K]
+    u_ptrs = w_ptrs + N * K                                            # SILU: the up rows
     LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K                  # start of the last tile
     w = _load_w(w_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)              # before the wait: weights are constant
+    if SILU:
+        wu = _load_w(u_ptrs, rows, cols, N, K, EVEN_N, EVEN_K)
     _pdl_wait(USE_PDL)
     acc = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
+    if SILU:
+        acc_u = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, LAST, BLOCK_K, loop_unroll_factor=LAST // BLOCK_K if UNROLL else 1):
         w_next = _load_w(w_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
+        if SILU:
+            wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, k0 + BLOCK_K + cols, N, K, EVEN_N, EVEN_K)
         xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
         acc = _accumulate(acc, w, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
+        if SILU:
+            acc_u = _accumulate(acc_u, wu, xn, s_ptr, N + row0, k0, BLOCK_N, BLOCK_K, K, FP8)
         ss += x2
         w = w_next
+        if SILU:
+            wu = wu_next
     xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
     acc = _accumulate(acc, w, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
+    if SILU:
+        acc_u = _accumulate(acc_u, wu, xn, s_ptr, N + row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
     ss += x2
     rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     y = tl.sum(acc, axis=1) * rstd                                     # [BLOCK_N]
+    if SILU:
+        up = tl.sum(acc_u, axis=1) * rstd
+        y = y * tl.sigmoid(y) * up
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
-
-
-# --- 3. fused RMSNorm + gate/up GEMV + SiLU:  out = silu(W_gate @ xn) * (W_up @ xn)
-
-@triton.jit
-def _rmsnorm_gemv_silu_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
-                              I: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                              FP8: tl.constexpr, UNROLL: tl.constexpr, USE_PDL: tl.constexpr):
-    row0 = tl.program_id(0) * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_N)                                # [BLOCK_N], in 0..I-1
-    cols = tl.arange(0, BLOCK_K)
-    g_ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]   # gate rows
-    u_ptrs = g_ptrs + I * K                                            # up rows sit I rows below
-    LAST: tl.constexpr = (K - 1) // BLOCK_K * BLOCK_K
-    wg = _load_w(g_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
-    wu = _load_w(u_ptrs, rows, cols, I, K, EVEN_N, EVEN_K)
-    _pdl_wait(USE_PDL)
-    acc_g = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
-    acc_u = _zeros_acc(BLOCK_N, BLOCK_K, FP8)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in tl.range(0, LAST, BLOCK_K, loop_unroll_factor=LAST // BLOCK_K if UNROLL else 1):
-        nk = k0 + BLOCK_K + cols
-        wg_next = _load_w(g_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
-        wu_next = _load_w(u_ptrs + (k0 + BLOCK_K), rows, nk, I, K, EVEN_N, EVEN_K)
-        xn, x2 = _load_xn(x_ptr, nw_ptr, k0 + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-        acc_g = _accumulate(acc_g, wg, xn, s_ptr, row0, k0, BLOCK_N, BLOCK_K, K, FP8)
-        acc_u = _accumulate(acc_u, wu, xn, s_ptr, I + row0, k0, BLOCK_N, BLOCK_K, K, FP8)
-        ss += x2
-        wg = wg_next
-        wu = wu_next
-    xn, x2 = _load_xn(x_ptr, nw_ptr, LAST + cols, BLOCK_N, BLOCK_K, K, EVEN_K)
-    acc_g = _accumulate(acc_g, wg, xn, s_ptr, row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
-    acc_u = _accumulate(acc_u, wu, xn, s_ptr, I + row0, LAST, BLOCK_N, BLOCK_K, K, FP8)
-    ss += x2
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    gate = tl.sum(acc_g, axis=1) * rstd
-    up = tl.sum(acc_u, axis=1) * rstd
-    y = gate * tl.sigmoid(gate) * up
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < I)
 
 
 def rmsnorm_gemv(x, norm_w, W: Proj, out, eps, silu=False, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
@@ -791,10 +769,10 @@ def rmsnorm_gemv(x, norm_w, W: Proj, out, eps, silu=False, BLOCK_N=None, BLOCK_K
     N, K = W.shape
     bn, bk, _, unroll = gemv_tiles("silu" if silu else "norm", N, K, W.fp8)
     BLOCK_N, BLOCK_K = BLOCK_N or bn, BLOCK_K or bk
-    kernel, rows = (_rmsnorm_gemv_silu_kernel, N // 2) if silu else (_rmsnorm_gemv_kernel, N)
-    kernel[(triton.cdiv(rows, BLOCK_N),)](
+    rows = N // 2 if silu else N  # outputs
+    _rmsnorm_gemv_kernel[(triton.cdiv(rows, BLOCK_N),)](
         x, norm_w, W.weight, W.scale if W.fp8 else W.weight, out, eps, rows, K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        EVEN_N=rows % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=W.fp8, UNROLL=unroll, USE_PDL=use_pdl,
+        EVEN_N=rows % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=W.fp8, UNROLL=unroll, SILU=silu, USE_PDL=use_pdl,
         launch_pdl=use_pdl, num_warps=4)
 
 
@@ -1537,7 +1515,8 @@ class DecodeState:
         self.attn = zeros(Hq * hd, dtype=dtype)        # attention output, o_proj's input
         self.act = zeros(I, dtype=dtype)               # silu(gate) * up, down_proj's input
         self.logits = zeros(V, dtype=f32)              # lm_head's output, the sampler's input
-        # Scratch, left as found by every step. Attention: split-KV partials, about 2 programs per SM.
+        # Scratch, left as found by every step. Attention: split-KV partials m, l (Hq, nsplit) and acc
+        # (Hq, nsplit, hd) fp32, arrivals (Hkv,) int32, with nsplit about 2 programs per SM.
         self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, max(1, triton.cdiv(2 * num_sms(), Hkv)), device)
         # The sampler: num_blocks programs of block logits each.
         self.block, self.num_blocks = block, triton.cdiv(V, block)
@@ -1874,14 +1853,12 @@ class Engine:
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         start, t0 = self.cache.reusable(prompt_ids), time.perf_counter()
         spec = dict(draft="lookup" if draft == "lookup" else "model", k=spec_k, rounds=0, drafted=0, accepted=0)
-        if draft is not None:
-            source = self._speculative_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec)
-        elif self.fast:
+        if self.fast:
             set_sampling(self.decoder.st, temperature, top_k, top_p, seed)
             self.decoder.prefill(prompt_ids, start)
             source = self.decoder.stream(limit)
         else:
-            source = self._plain_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed)
+            source = self._plain_stream(prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec)
         stop, out, t_first = set(stop_ids), [], None
         self.stop_reason, self.stats = None, {}
         try:
@@ -1923,15 +1900,17 @@ class Engine:
             raise NanofastError(f"the draft model's max_seq_len {draft.max_seq_len} is below the model's "
                                 f"{self.max_seq_len}")
 
-    def _speculative_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec):
-        """_plain_stream's tokens, several per forward (see "speculative decoding"); counts into spec."""
+    def _plain_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed, draft, spec):
+        """The plain path's tokens: one per forward, or with a draft several (see "speculative decoding");
+        spec counts the rounds. Without drafts a round is one ordinary step."""
         generator = torch.Generator().manual_seed(seed)
         out = [sample(self.forward(prompt_ids[start:], start, last_only=True)[0], temperature, top_k, top_p,
                       generator)]
         yield out[0]
         while len(out) < limit:
             context, n = prompt_ids + out, min(spec["k"], limit - len(out) - 1)  # room for the drafts and one more
-            drafts = lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n)
+            drafts = (lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n) if draft
+                      else [])
             pos = len(context) - 1  # where the last token goes, before the drafts
             a, token = accept_drafts(self.forward(context[-1:] + drafts, pos), drafts, temperature, top_k, top_p,
                                      generator)
@@ -1953,15 +1932,6 @@ class Engine:
             if len(drafts) < k:
                 logits = self.forward(drafts[-1:], len(context) + len(drafts) - 1)[0]
         return drafts
-
-    def _plain_stream(self, prompt_ids, start, limit, temperature, top_k, top_p, seed):
-        generator = torch.Generator().manual_seed(seed)
-        logits = self.forward(prompt_ids[start:], start, last_only=True)[0]
-        for i in range(limit):
-            token = sample(logits, temperature, top_k, top_p, generator)
-            yield token
-            if i + 1 < limit:
-                logits = self.forward([token], len(prompt_ids) + i)[0]
 
 
 def load(model_dir: str, **kwargs) -> Engine:
