@@ -495,9 +495,9 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 # A round drafts up to k tokens cheaply, the model scores its last token and the drafts in one
 # forward (k + 1 rows, one pass over the weights), keeps the longest prefix of drafts it agrees
 # with and adds one token of its own. Drafts are deterministic (prompt lookup, or a draft model's
-# greedy tokens), so accepting draft x with probability p(x), and otherwise drawing from p with x
-# removed, draws exactly from p (p: the distribution sample() draws from): speculation changes the
-# speed, never the distribution, and greedy runs yield the model's own greedy tokens.
+# greedy tokens), so drawing each row's token as usual and keeping a draft while it equals the
+# draw is exact speculative sampling (accept x with probability p(x), else draw from p without x):
+# speculation changes the speed, never the tokens' distribution.
 
 def lookup_drafts(context: list, k: int, max_n: int = 3) -> list:
     """Prompt lookup: up to k tokens that followed the latest earlier occurrence of context's last n
@@ -511,17 +511,16 @@ def lookup_drafts(context: list, k: int, max_n: int = 3) -> list:
 
 
 def accept_drafts(rows, drafts: list, temperature, top_k, top_p, generator=None) -> tuple:
-    """(a, token): the model keeps drafts[:a] and draws token. rows: its fp32 logits (len(drafts) + 1,
-    V) after the token before the drafts and after each draft; row i judges drafts[i]."""
+    """(a, token): the model keeps drafts[:a] and adds token. rows: its fp32 logits (len(drafts) + 1, V)
+    after the token before the drafts and after each draft. Row by row, a token is drawn as sample()
+    draws it; a draft is kept while it equals the draw, and the first draw that differs (or the one
+    after the last draft) is the model's token. For a draft x, P(draw = x) = p(x), and a draw that is
+    not x follows p without x: speculative sampling's rule. The draws are those that decoding without
+    drafts would make, so with a seed the tokens are the same with speculation or without."""
     for i, x in enumerate(drafts):
-        if temperature <= 0:
-            if int(torch.argmax(rows[i])) != x:
-                return i, int(torch.argmax(rows[i]))
-            continue
-        p = sampling_probs(rows[i], temperature, top_k, top_p)
-        if float(torch.rand((), generator=generator)) >= float(p[x]):
-            p[x] = 0.0  # the rest of p, renormalised by multinomial; not empty, or x would have passed
-            return i, int(torch.multinomial(p, 1, generator=generator))
+        token = sample(rows[i], temperature, top_k, top_p, generator)
+        if token != x:
+            return i, token
     return len(drafts), sample(rows[len(drafts)], temperature, top_k, top_p, generator)
 
 

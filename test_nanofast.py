@@ -1971,6 +1971,19 @@ def test_speculative_greedy_is_the_models_greedy(case, draft_ckpt, source, k):
 
 
 @pytest.mark.parametrize("source", ["lookup", "self", "other"])
+def test_speculative_seeded_runs_are_the_plain_runs(case, draft_ckpt, source):
+    """Each position's token is drawn as without speculation, so a seeded sampled run gives the same
+    tokens with drafts as without (the plain path, fp32), whatever was accepted."""
+    settings = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    plain = list(load_engine(case["dir"]).generate(case["prompt"], **settings))
+    eng = load_engine(case["dir"])
+    got = list(eng.generate(case["prompt"], draft=_drafts(dict(case, draft_dir=draft_ckpt), source), spec_k=4,
+                            **settings))
+    assert got == plain
+    assert source != "self" or eng.stats["speculation"]["accepted"] > 0
+
+
+@pytest.mark.parametrize("source", ["lookup", "self", "other"])
 def test_speculative_stops_are_exact(tied_case, draft_ckpt, source):
     """A stop id inside an accepted block ends the output there; max_new_tokens and a full cache stop at
     the same token as without speculation; a caller's early stop leaves the cache as the plain path does."""
