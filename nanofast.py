@@ -1667,15 +1667,18 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def check_sampling(temperature=None, top_k=None, top_p=None, max_new_tokens=None):
-    """Raise NanofastError unless the settings given (None: not given) are valid. The CLI, generate(),
-    Chat and the CUDA sampler all check here, so they refuse the same values in the same words."""
+def check_sampling(temperature=..., top_k=..., top_p=..., max_new_tokens=..., optional=False):
+    """Raise NanofastError unless the settings passed are valid (None too, unless optional: the CLI's and
+    Chat's "not given"). The CLI, generate(), Chat and the CUDA sampler all check here, so they refuse
+    the same values in the same words."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    skip = lambda v: v is ... or (v is None and optional)  # noqa: E731
     for bad, message in [
-            (temperature is not None and not (temperature >= 0 and math.isfinite(temperature)),
+            (not skip(temperature) and not (number(temperature) and temperature >= 0 and math.isfinite(temperature)),
              "--temperature must be a finite number >= 0"),
-            (top_k is not None and not (isinstance(top_k, int) and top_k >= 0), "--top-k must be an integer >= 0"),
-            (top_p is not None and not 0 < top_p <= 1, "--top-p must be in (0, 1]"),
-            (max_new_tokens is not None and not (isinstance(max_new_tokens, int) and max_new_tokens >= 1),
+            (not skip(top_k) and not (isinstance(top_k, int) and top_k >= 0), "--top-k must be an integer >= 0"),
+            (not skip(top_p) and not (number(top_p) and 0 < top_p <= 1), "--top-p must be in (0, 1]"),
+            (not skip(max_new_tokens) and not (isinstance(max_new_tokens, int) and max_new_tokens >= 1),
              "--max-new-tokens must be an integer >= 1")]:
         if bad:
             raise NanofastError(message)
@@ -1948,7 +1951,8 @@ class Chat:
     """
 
     def __init__(self, engine, tokenizer, system=None, think=True, max_new_tokens=2048, **sampling):
-        check_sampling(sampling.get("temperature"), sampling.get("top_k"), sampling.get("top_p"), max_new_tokens)
+        check_sampling(sampling.get("temperature"), sampling.get("top_k"), sampling.get("top_p"), max_new_tokens,
+                       optional=True)
         self.engine, self.tokenizer, self.system, self.think = engine, tokenizer, system, think
         self.max_new_tokens, self.sampling, self.messages = max_new_tokens, sampling, []
 
@@ -2013,7 +2017,7 @@ def parse_args(argv=None):
                    f"KV cache; commands: {CHAT_COMMANDS}")
     args = p.parse_args(argv)
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, optional=True)
     except NanofastError as e:
         p.error(str(e))
     checks = [

@@ -567,6 +567,11 @@ BAD_SETTINGS = {  # name: (generate's keyword arguments, the error's words)
     "top-p-above-one-greedy": (dict(top_p=1.5), BAD_TOP_P),  # checked even where greedy would ignore it
     "max-new-tokens-zero": (dict(max_new_tokens=0), BAD_MAX_NEW_TOKENS),
     "max-new-tokens-negative": (dict(max_new_tokens=-5), BAD_MAX_NEW_TOKENS),
+    "temperature-none": (dict(temperature=None), BAD_TEMPERATURE),  # not a number: no TypeError either
+    "temperature-text": (dict(temperature="0.7"), BAD_TEMPERATURE),
+    "top-k-none": (dict(temperature=1.0, top_k=None), BAD_TOP_K),
+    "top-p-none": (dict(temperature=1.0, top_p=None), BAD_TOP_P),
+    "max-new-tokens-none": (dict(max_new_tokens=None), BAD_MAX_NEW_TOKENS),
 }
 
 
