@@ -550,24 +550,6 @@ def num_sms():
     return 132  # H100 SXM
 
 
-# The decode step's residual stream h is a 64-bit fixed-point number, h * 2^32 as int64 (range
-# +-2^31, resolution 2^-32: finer than fp32 above 2^-8, and no Qwen3 activation comes near the
-# range). o_proj and down_proj split K over several programs that add into h with atomics; the
-# sum of integers does not depend on the order in which they arrive, so h, the logits and the
-# tokens are the same on every run. fp32 atomics would add in arrival order and round differently
-# from run to run, and a seeded run would not repeat.
-RESID_ONE = tl.constexpr(4294967296.0)  # 2^32
-
-
-@triton.jit
-def _to_resid(x, ptr):  # fp32 x as stored at ptr: rounded to fixed point if the residual is int64
-    if ptr.dtype.element_ty == tl.int64:  # (one return: Triton types every return, even an untaken one's)
-        y = tl.floor(x * RESID_ONE + 0.5).to(tl.int64)
-    else:
-        y = x
-    return y
-
-
 @triton.jit
 def _pdl_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
@@ -583,11 +565,11 @@ def _embed_kernel(token_ptr, e_ptr, h_ptr, D, BLOCK: tl.constexpr, USE_PDL: tl.c
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     token = tl.load(token_ptr).to(tl.int64)
     row = tl.load(e_ptr + token * D + offs, mask=offs < D, other=0.0)
-    tl.store(h_ptr + offs, _to_resid(row.to(tl.float32), h_ptr), mask=offs < D)
+    tl.store(h_ptr + offs, row.to(tl.float32), mask=offs < D)
 
 
 def embed(tok, E, h, use_pdl=False):
-    """tok int32[1], E [V, D], h int64[D] (fixed point) or fp32[D]  ->  h = E[tok]"""
+    """tok int32[1], E [V, D], h fp32[D]  ->  h = E[tok]"""
     D = E.shape[1]
     _embed_kernel[(triton.cdiv(D, 1024),)](tok, E, h, D, BLOCK=1024, USE_PDL=use_pdl, launch_pdl=use_pdl,
                                           num_warps=4)
@@ -613,13 +595,11 @@ def _load_w(ptrs, rows, kk, N: tl.constexpr, K: tl.constexpr, EVEN_N: tl.constex
 
 
 @triton.jit
-def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):  # as fp32; a fixed-point residual converted
+def _load_vec(ptrs, kk, K: tl.constexpr, EVEN_K: tl.constexpr):
     if EVEN_K:
         v = tl.load(ptrs)
     else:
-        v = tl.load(ptrs, mask=kk < K, other=0)
-    if v.dtype == tl.int64:
-        v = v.to(tl.float32) * (1.0 / RESID_ONE)
+        v = tl.load(ptrs, mask=kk < K, other=0.0)
     return v.to(tl.float32)
 
 
@@ -762,7 +742,7 @@ def _rmsnorm_gemv_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, eps,
 
 
 def rmsnorm_gemv(x, norm_w, W: Proj, out, eps, silu=False, BLOCK_N=None, BLOCK_K=None, use_pdl=False):
-    """out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w): x [K] (the residual, int64 fixed point, or fp32),
+    """out = W @ (x * rsqrt(mean(x^2) + eps) * norm_w): x [K] (the fp32 residual),
     norm_w [K], out [N] (qkv: bf16/fp16, logits: fp32). silu: W = [gate; up] (2I, K) and out [I] =
     silu(gate @ xn) * (up @ xn). BLOCK_N/BLOCK_K override gemv_tiles (tests)."""
     N, K = W.shape
@@ -778,14 +758,15 @@ def rmsnorm_gemv(x, norm_w, W: Proj, out, eps, silu=False, BLOCK_N=None, BLOCK_K
 # --- 4. GEMV + residual add:  h += W @ a   (o_proj, down_proj)
 # N = D is small and K is large, so K is split into SPLIT_K ranges of SPLIT_COLS columns (a multiple
 # of BLOCK_K; the last range may be shorter, so no tile is masked where BLOCK_K divides K); program
-# (i, j) adds its partial sums into h with a relaxed atomic. The kernel boundary orders these adds
-# before any reader. With the fixed-point residual the adds are exact, so their order, which varies
-# from run to run, does not change h.
+# (i, j) stores its partial sums in partials[j]. The programs of a row block then take a ticket (the
+# pattern of _is_last_program), and the last one adds the SPLIT_K partials to h in a fixed order.
+# Atomic fp32 adds would round differently for each order the programs happen to finish in, and the
+# same seed would not give the same tokens; a fixed order gives the same h on every run.
 
 @triton.jit
-def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
+def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr, part_ptr, arrivals_ptr,
                      N: tl.constexpr, K: tl.constexpr, SPLIT_COLS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr,
                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -805,25 +786,44 @@ def _gemv_add_kernel(a_ptr, w_ptr, s_ptr, h_ptr,
         w = w_next
     a = _load_bcast(a_ptr, cols + LAST, BLOCK_N, BLOCK_K, K, EVEN_K)
     acc = _accumulate(acc, w, a, s_ptr, row0, k_begin + LAST, BLOCK_N, BLOCK_K, K, FP8)
-    y = _to_resid(tl.sum(acc, axis=1), h_ptr)                         # [BLOCK_N]
+    y = tl.sum(acc, axis=1)                                            # [BLOCK_N]
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
         tl.store(h_ptr + rows, h + y, mask=rows < N)
     else:
-        tl.atomic_add(h_ptr + rows, y, mask=rows < N, sem="relaxed")
+        tl.store(part_ptr + tl.program_id(1) * N + rows, y, mask=rows < N)
+        tl.debug_barrier()  # every thread's partials stored before the ticket (released by acq_rel)
+        ticket = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the row block's last program: all partials, from L2, summed alike every run
+            j = tl.arange(0, SPLIT_P2)[:, None]
+            ok = (j < SPLIT_K) & (rows < N)[None, :]
+            y = tl.sum(tl.load(part_ptr + j * N + rows[None, :], mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            h = tl.load(h_ptr + rows, mask=rows < N, other=0.0)
+            tl.store(h_ptr + rows, h + y, mask=rows < N)
+            tl.store(arrivals_ptr + tl.program_id(0), 0)
 
 
-def gemv_add(a, W: Proj, h, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
-    """h += W @ a: a [K] (bf16/fp16), W [N, K], h [N] int64 (fixed point) or fp32. The overrides are for tests."""
+def gemv_add(a, W: Proj, h, scratch, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, use_pdl=False):
+    """h += W @ a: a [K] (bf16/fp16), W [N, K], h fp32 [N]; scratch from add_scratch (partials and
+    arrival counters, left zeroed). The overrides are for tests."""
     N, K = W.shape
     bn, bk, sk, _ = gemv_tiles("add", N, K, W.fp8)
     BLOCK_N, BLOCK_K, SPLIT_K = BLOCK_N or bn, BLOCK_K or bk, SPLIT_K or sk
     cols = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     split = triton.cdiv(K, cols)  # rounding the range up to BLOCK_K may leave fewer ranges
+    part, arrivals = scratch
+    assert part.shape[0] >= split and part.shape[1] == N and arrivals.numel() >= triton.cdiv(N, BLOCK_N)
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
-        a, W.weight, W.scale if W.fp8 else W.weight, h, N=N, K=K, SPLIT_COLS=cols, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, SPLIT_K=split, EVEN_N=N % BLOCK_N == 0, EVEN_K=K % BLOCK_K == 0, FP8=W.fp8,
+        a, W.weight, W.scale if W.fp8 else W.weight, h, part, arrivals, N=N, K=K, SPLIT_COLS=cols, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), EVEN_N=N % BLOCK_N == 0,
+        EVEN_K=K % BLOCK_K == 0, FP8=W.fp8,
         USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+
+
+def add_scratch(N: int, device, max_split: int = 64):
+    """gemv_add's scratch for outputs of size N: partials fp32 (max_split, N), arrival counters int32 (N,)."""
+    return (torch.zeros(max_split, N, dtype=torch.float32, device=device),
+            torch.zeros(N, dtype=torch.int32, device=device))
 
 
 # --- 5. decode attention: q/k RMSNorm + RoPE + KV-cache append, then split-KV attention
@@ -1509,13 +1509,15 @@ class DecodeState:
         self.top_p = zeros(1, dtype=f32) + 1.0         # 1.0 = off
         self.seed = zeros(1, dtype=i64)
         # Activations.
-        self.h = zeros(D, dtype=i64)                   # (D,) residual stream, fixed point (RESID_ONE)
+        self.h = zeros(D, dtype=f32)                   # (D,) residual stream
         self.qkv = zeros((Hq + 2 * Hkv) * hd, dtype=dtype)  # fused q/k/v projection
         self.attn = zeros(Hq * hd, dtype=dtype)        # attention output, o_proj's input
         self.act = zeros(I, dtype=dtype)               # silu(gate) * up, down_proj's input
         self.logits = zeros(V, dtype=f32)              # lm_head's output, the sampler's input
-        # Scratch, left as found by every step. Attention: split-KV partials m, l (Hq, nsplit) and acc
-        # (Hq, nsplit, hd) fp32, arrivals (Hkv,) int32, with nsplit about 2 programs per SM.
+        # Scratch, left as found by every step. o_proj and down_proj: split-K partials (64, D) fp32 and
+        # arrivals (D,) int32. Attention: split-KV partials m, l (Hq, nsplit) and acc (Hq, nsplit, hd)
+        # fp32, arrivals (Hkv,) int32, with nsplit about 2 programs per SM.
+        self.add_scratch = add_scratch(D, device)
         self.attn_scratch = make_attention_scratch(Hq, Hkv, hd, max(1, triton.cdiv(2 * num_sms(), Hkv)), device)
         # The sampler: num_blocks programs of block logits each.
         self.block, self.num_blocks = block, triton.cdiv(V, block)
@@ -1564,9 +1566,9 @@ class FastDecoder:
             rmsnorm_gemv(st.h, layer.attn_norm, layer.qkv, st.qkv, eps, use_pdl=pdl)
             decode_attention(st.qkv, layer.q_norm, layer.k_norm, cos, sin, st.pos, k_cache, v_cache, st.attn,
                              st.attn_scratch, scale, eps, use_pdl=pdl)
-            gemv_add(st.attn, layer.o, st.h, use_pdl=pdl)
+            gemv_add(st.attn, layer.o, st.h, st.add_scratch, use_pdl=pdl)
             rmsnorm_gemv(st.h, layer.mlp_norm, layer.gate_up, st.act, eps, silu=True, use_pdl=pdl)
-            gemv_add(st.act, layer.down, st.h, use_pdl=pdl)
+            gemv_add(st.act, layer.down, st.h, st.add_scratch, use_pdl=pdl)
         rmsnorm_gemv(st.h, w.norm, w.lm_head, st.logits, eps, use_pdl=pdl)
         sample_on_gpu(st, use_pdl=pdl)
 
