@@ -1912,11 +1912,12 @@ class Engine:
                       generator)]
         yield out[0]
         while len(out) < limit:
-            context, n = prompt_ids + out, min(spec["k"], limit - len(out) - 1)  # room for the drafts and one more
-            drafts = (lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n) if draft
-                      else [])
-            pos = len(context) - 1  # where the last token goes, before the drafts
-            a, token = accept_drafts(self.forward(context[-1:] + drafts, pos), drafts, temperature, top_k, top_p,
+            drafts, n = [], min(spec["k"], limit - len(out) - 1)  # room for the drafts and one more token
+            if draft is not None:
+                context = prompt_ids + out
+                drafts = lookup_drafts(context, n) if draft == "lookup" else draft.draft_tokens(context, n)
+            pos = len(prompt_ids) + len(out) - 1  # where the last token goes, before the drafts
+            a, token = accept_drafts(self.forward(out[-1:] + drafts, pos), drafts, temperature, top_k, top_p,
                                      generator)
             spec.update(rounds=spec["rounds"] + 1, drafted=spec["drafted"] + len(drafts),
                         accepted=spec["accepted"] + a)
