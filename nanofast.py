@@ -668,7 +668,7 @@ def gemv_tiles(kind: str, N: int, K: int, fp8: bool = False) -> tuple:
         (16 rows is slower, lm_head included); fp8: 16K weights per tile, or FP8_TILES;
       * small-N matrices (o_proj, down_proj: N = D) instead split K into ranges of 256-wide tiles (fp8:
         ranges of two tiles, since a one-tile range has nothing to prefetch, while >= 1024 programs remain),
-        whose programs add into h with atomics. The K loop is unrolled for fp8 only: bf16 gains nothing.
+        whose partial sums gemv_add adds into h in a fixed order. The K loop is unrolled for fp8 only.
     Keep BLOCK_N * BLOCK_K / 128 <= 64 weight elements per thread (<= 32 for "silu", which holds two
     tiles): beyond that the tile, its prefetch and the fp32 accumulator spill on sm_90."""
     if fp8:
@@ -816,8 +816,7 @@ def gemv_add(a, W: Proj, h, scratch, BLOCK_N=None, BLOCK_K=None, SPLIT_K=None, u
     _gemv_add_kernel[(triton.cdiv(N, BLOCK_N), split)](
         a, W.weight, W.scale if W.fp8 else W.weight, h, part, arrivals, N=N, K=K, SPLIT_COLS=cols, BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K, SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), EVEN_N=N % BLOCK_N == 0,
-        EVEN_K=K % BLOCK_K == 0, FP8=W.fp8,
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
+        EVEN_K=K % BLOCK_K == 0, FP8=W.fp8, USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4)
 
 
 def add_scratch(N: int, device, max_split: int = 64):
@@ -2072,8 +2071,6 @@ def run(args) -> int:
     if args.model == DEFAULT_MODEL and not os.path.exists(args.model):
         download_default(args.model)
     load_config(args.model)  # a bad folder fails here, before the tokenizer
-    if (args.draft is not None or args.lookup) and device.type == "cuda" and not args.plain:
-        raise NanofastError("speculative decoding (--draft, --lookup) runs on the plain path so far; add --plain")
     tokenizer = Tokenizer(args.model)
     if not args.chat:
         text = prompt if args.raw else Tokenizer.chat(prompt, args.system, think=not args.no_think)
@@ -2089,6 +2086,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     engine = load(args.model, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                   fast=not args.plain, quantize=args.quantize)
+    engine.check_draft(draft, args.spec_k)  # (a draft model on the CUDA graph path, say)
     print(f"[nanofast] loaded {args.model} on {device} ({engine.weight_format} weights "
           f"{engine.weight_bytes / GIB:.2f} GiB, KV cache {engine.cache.data.nbytes / GIB:.2f} GiB, "
           f"{str(engine.dtype).replace('torch.', '')} activations, "
@@ -2096,7 +2094,6 @@ def run(args) -> int:
     defaults = tokenizer.defaults  # generation_config.json, for the sampling options not given
     sampling = {k: defaults[k] if vars(args)[k] is None else vars(args)[k] for k in ("temperature", "top_k", "top_p")}
     if draft is not None:
-        engine.check_draft(draft, args.spec_k)
         sampling.update(draft=draft, spec_k=args.spec_k)
     if args.chat:
         return chat_loop(Chat(engine, tokenizer, args.system, not args.no_think, args.max_new_tokens, seed=args.seed,
