@@ -1950,10 +1950,10 @@ def draft_ckpt(tmp_path_factory):
                            intermediate=64, seed=11)
 
 
-def _drafts(case, source):  # "lookup", "self" (the model drafts for itself: all accepted) or "other"
+def _drafts(case, source, **kw):  # "lookup", "self" (the model drafts for itself: all accepted) or "other"
     if source == "lookup":
         return "lookup"
-    return load_engine(case["dir"] if source == "self" else case["draft_dir"])
+    return load_engine(case["dir"] if source == "self" else case["draft_dir"], **kw)
 
 
 @pytest.mark.parametrize("k", [1, 4, 15])
@@ -1993,16 +1993,13 @@ def test_speculative_stops_are_exact(tied_case, draft_ckpt, source):
     """A stop id inside an accepted block ends the output there; max_new_tokens and a full cache stop at
     the same token as without speculation; a caller's early stop leaves the cache as the plain path does."""
     prompt, greedy = tied_case["prompt"], tied_case["greedy"]
-    draft = _drafts(dict(tied_case, draft_dir=draft_ckpt), source)
     stop = greedy[7]
     want = greedy[:greedy.index(stop) + 1]
     for kw, expected, reason in [(dict(stop_ids=[stop]), want, "eos"), (dict(max_new_tokens=13), greedy[:13],
                                  "max_new_tokens"), (dict(max_new_tokens=40, max_seq_len=len(prompt) + 17),
                                                      greedy[:17], "cache_full")]:
         eng = load_engine(tied_case["dir"], max_seq_len=kw.pop("max_seq_len", 128))
-        if draft != "lookup":
-            draft = load_engine(draft.cfg and tied_case["dir"] if source == "self" else draft_ckpt,
-                                max_seq_len=eng.max_seq_len)
+        draft = _drafts(dict(tied_case, draft_dir=draft_ckpt), source, max_seq_len=eng.max_seq_len)
         got = list(eng.generate(prompt, **{"max_new_tokens": 40, **kw}, draft=draft, spec_k=6))
         assert (got, eng.stop_reason) == (expected, reason), kw
         assert eng.cache.tokens == prompt + got[:-1], kw
